@@ -1,0 +1,37 @@
+"""Top-level config validation: types and ranges, each failure one line saying how to fix it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fedsim.errors import ConfigError
+
+GROUPS = ("dataset", "partition", "model", "strategy", "participation", "server", "cluster", "logger")
+
+
+def _int(cfg: DictConfig, key: str, *, minimum: int) -> int:
+    value: Any = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}={max(minimum, 1)}")
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first problem found in the composed config."""
+    for group in GROUPS:
+        if cfg.get(group) is None:
+            raise ConfigError(f"config group '{group}' is missing; choose one, e.g. {group}=<option>")
+    _int(cfg, "seed", minimum=0)
+    num_nodes = _int(cfg, "num_nodes", minimum=1)
+    per_round = _int(cfg, "nodes_per_round", minimum=1)
+    _int(cfg, "rounds", minimum=1)
+    _int(cfg, "eval_every", minimum=0)
+    if per_round > num_nodes:
+        raise ConfigError(
+            f"nodes_per_round={per_round} exceeds num_nodes={num_nodes}; "
+            f"set nodes_per_round<={num_nodes} or raise num_nodes"
+        )

@@ -1,0 +1,32 @@
+"""Errors that the command line turns into one clear line.
+
+`ConfigError` is a usage error (bad option, bad value, missing data file): exit code 2.
+`NodeError` is a failure inside a simulated node; it names the node and the round.
+"""
+
+from __future__ import annotations
+
+
+class FedsimError(Exception):
+    """Base class of errors fedsim reports as one line instead of a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(FedsimError):
+    """The user asked for something that cannot work; the message says how to fix it."""
+
+    exit_code = 2
+
+
+class NodeError(FedsimError):
+    """A simulated node raised while running its client update."""
+
+    def __init__(self, node_id: int, round_: int, cause: str) -> None:
+        super().__init__(f"node {node_id} failed in round {round_}: {cause}")
+        self.node_id = node_id
+        self.round = round_
+        self.cause = cause
+
+    def __reduce__(self):  # survives pickling across Ray processes
+        return (NodeError, (self.node_id, self.round, self.cause))

@@ -1,0 +1,35 @@
+"""In-process executor: the node-worker code without Ray (unit tests, ``cluster=local``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.data.base import FederatedData
+from fedsim.execution.worker import NodeTask, NodeWorker, RoundResult, WorkerSpec
+
+
+class LocalExecutor:
+    """Runs every node in this process, one after another, with ``spec.threads`` torch threads
+    (restored afterwards), which is what makes it bit-identical to the Ray executor."""
+
+    def __init__(self, spec: WorkerSpec, data: FederatedData) -> None:
+        self.spec = spec
+        ds = data.dataset
+        self.worker = NodeWorker(spec, ds.x_train, ds.y_train, data.partition.train)
+        self.num_workers = 1
+        self.description = "local (in-process)"
+
+    def run_round(self, params: torch.Tensor, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+        threads = torch.get_num_threads()
+        try:
+            return RoundResult.merge([self.worker.run(params, round_, list(tasks))])
+        finally:
+            torch.set_num_threads(threads)
+
+    def worker_nodes(self) -> list[str]:
+        return [self.worker.ready()]
+
+    def shutdown(self) -> None:
+        pass

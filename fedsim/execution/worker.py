@@ -1,0 +1,138 @@
+"""The node worker: hosts many virtual nodes and runs their client updates one after another,
+reusing one model object. The local executor and every Ray actor run this same code."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.errors import NodeError
+from fedsim.params import FlatModel
+from fedsim.types import ClientContext, NodeData, NodeState
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs besides data: how to build the model and what nodes do."""
+
+    model_factory: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    client_update: Callable
+    seed: int
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    node_id: int
+    state: NodeState | None = None
+
+
+@dataclass
+class RoundResult:
+    """Results of the nodes of one round, rows sorted by node id."""
+
+    node_ids: list[int]
+    messages: torch.Tensor
+    num_examples: list[int]
+    metrics: list[dict[str, float]]
+    states: list[NodeState | None]
+    busy_s: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def merge(parts: Sequence[RoundResult]) -> RoundResult:
+        rows = sorted(
+            (nid, part, i) for part in parts for i, nid in enumerate(part.node_ids)
+        )
+        if not rows:
+            raise ValueError("no node results to merge")
+        return RoundResult(
+            node_ids=[nid for nid, _, _ in rows],
+            messages=torch.stack([part.messages[i] for _, part, i in rows]),
+            num_examples=[part.num_examples[i] for _, part, i in rows],
+            metrics=[part.metrics[i] for _, part, i in rows],
+            states=[part.states[i] for _, part, i in rows],
+            busy_s=[b for part in parts for b in part.busy_s],
+        )
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    # Arrays from Ray's object store are read-only views of shared memory; fedsim never writes
+    # to them (batches are gathered copies), so the non-writable warning does not apply.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+class NodeWorker:
+    """Hosts nodes whose training data are rows ``index[node]`` of shared arrays ``x``, ``y``."""
+
+    def __init__(self, spec: WorkerSpec, x: np.ndarray, y: np.ndarray, index: Sequence[np.ndarray]) -> None:
+        self.spec = spec
+        self.x = _as_tensor(x)
+        self.y = _as_tensor(y)
+        self.index = [torch.from_numpy(np.ascontiguousarray(ix, dtype=np.int64)) for ix in index]
+        self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)))
+
+    def ready(self) -> str:
+        """Called once after start; returns this worker's Ray node id (or "local")."""
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return ray.get_runtime_context().get_node_id()
+        except ImportError:  # pragma: no cover - ray is a hard dependency
+            pass
+        return "local"
+
+    def node_data(self, node_id: int) -> NodeData:
+        ix = self.index[node_id]
+        return NodeData(self.x.index_select(0, ix), self.y.index_select(0, ix))
+
+    def run(self, params: torch.Tensor, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+        import time
+
+        torch.set_num_threads(self.spec.threads)
+        messages, counts, metrics, states = [], [], [], []
+        t0 = time.perf_counter()
+        for task in tasks:
+            ctx = ClientContext(round_, task.node_id, self.spec.seed, self.spec.num_classes)
+            self.model.load(params)
+            try:
+                result = self.spec.client_update(self.model, params, self.node_data(task.node_id), task.state, ctx)
+            except Exception as exc:  # noqa: BLE001 - reported with the node id, not swallowed
+                raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
+            if not torch.isfinite(result.message).all():
+                raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")
+            messages.append(result.message)
+            counts.append(int(result.num_examples))
+            metrics.append(dict(result.metrics))
+            states.append(result.state)
+        return RoundResult(
+            node_ids=[t.node_id for t in tasks],
+            messages=torch.stack(messages) if messages else torch.zeros(0, self.model.dim),
+            num_examples=counts,
+            metrics=metrics,
+            states=states,
+            busy_s=[time.perf_counter() - t0],
+        )
+
+
+def assign_lpt(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:
+    """Longest-processing-time-first: give the next-largest node to the least-loaded worker.
+    Deterministic (ties by node id, then worker index). The assignment never changes results,
+    only how evenly the workers finish a round."""
+    order = sorted(range(len(tasks)), key=lambda i: (-work[i], tasks[i].node_id))
+    loads = [0] * num_workers
+    plan: list[list[NodeTask]] = [[] for _ in range(num_workers)]
+    for i in order:
+        w = min(range(num_workers), key=lambda j: (loads[j], j))
+        plan[w].append(tasks[i])
+        loads[w] += max(int(work[i]), 1)
+    return [sorted(p, key=lambda t: t.node_id) for p in plan]

@@ -1,0 +1,54 @@
+"""Weights & Biases logging. ``mode=offline`` (the default) needs no account: runs are written
+under the run directory and can be uploaded later with ``wandb sync``.
+
+Run name ``{strategy}-{dataset}-s{seed}``, group ``{dataset}-{partition}-{model}``, and the
+strategy/dataset/partition as config and tags, so a dashboard grouped or filtered by them shows
+strategies side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fedsim.logging import Callback, RunMeta, scalars
+
+
+class WandbLogger(Callback):
+    def __init__(self, *, project: str = "fedsim", entity: str | None = None, mode: str = "offline",
+                 tags: list[str] | None = None) -> None:
+        self.project = project
+        self.entity = entity
+        self.mode = mode
+        self.tags = list(tags or [])
+        self.run: Any = None
+
+    def on_run_start(self, meta: RunMeta) -> None:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,
+            dir=str(meta.output_dir),
+            name=meta.run_name,
+            group=meta.group,
+            job_type=meta.names.get("strategy"),
+            tags=[*self.tags, *(f"{k}:{v}" for k, v in sorted(meta.names.items()))],
+            config={**meta.config, "names": meta.names, "info": meta.info},
+            reinit="finish_previous",
+        )
+        self.run.define_metric("round")
+        self.run.define_metric("*", step_metric="round")
+
+    def on_round_end(self, round_: int, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(scalars(metrics))
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in scalars(summary).items():
+                self.run.summary[key] = value
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,133 @@
+"""Model factories. Each is called as ``factory(input_shape, num_classes)`` and returns an
+``nn.Module`` mapping a float32 batch to logits. No BatchNorm anywhere (GroupNorm instead): the
+parameter vector is the whole state of a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedsim.errors import ConfigError
+from fedsim.params import check_no_buffers
+from fedsim.seeding import torch_seed
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _activation(name: str) -> Callable[[], nn.Module]:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"model.activation={name!r} is not one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class LogisticRegression(nn.Sequential):
+    """Multinomial logistic regression on flattened inputs."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+class MLP(nn.Sequential):
+    """Fully connected network on flattened inputs."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,), activation: str = "relu"
+    ) -> None:
+        act = _activation(activation)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), act()]
+            width = int(h)
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class ConvNet(nn.Sequential):
+    """conv-act-pool blocks, then fully connected layers: LeNet and the small CNNs of the papers.
+
+    ``channels`` are the conv widths (kernel ``kernel``, padding ``padding``), each followed by
+    the activation and a 2x2 pool (``max`` or ``avg``); ``hidden`` are the widths of the fully
+    connected layers before the classifier.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        channels: Sequence[int] = (16, 32),
+        kernel: int = 5,
+        padding: int = 0,
+        hidden: Sequence[int] = (128,),
+        activation: str = "relu",
+        pool: str = "max",
+    ) -> None:
+        if len(input_shape) != 3:
+            raise ConfigError(
+                f"a convolutional model needs image inputs (C, H, W), the dataset gives {tuple(input_shape)}; "
+                "use model=mlp or model=logreg"
+            )
+        if pool not in ("max", "avg"):
+            raise ConfigError(f"model.pool={pool!r} is not max or avg")
+        act = _activation(activation)
+        pool_cls = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
+        c, h, w = (int(v) for v in input_shape)
+        layers: list[nn.Module] = []
+        for out in channels:
+            h, w = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+            if h < 2 or w < 2:
+                raise ConfigError(
+                    f"images of {tuple(input_shape)} are too small for this model's convolutions "
+                    f"(kernel {kernel}, {len(channels)} blocks); use model=mlp or a model for small images"
+                )
+            layers += [nn.Conv2d(c, int(out), kernel, padding=padding), act(), pool_cls(2)]
+            c, h, w = int(out), h // 2, w // 2
+        layers.append(nn.Flatten())
+        width = c * h * w
+        for size in hidden:
+            layers += [nn.Linear(width, int(size)), act()]
+            width = int(size)
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2) -> nn.Module:
+    """torchvision's ResNet-18 with GroupNorm(``groups``) in place of BatchNorm. For small images
+    (<= 64 px) the stem is the usual CIFAR one: 3x3 conv, stride 1, no max-pool."""
+    from torchvision.models import resnet18
+
+    if len(input_shape) != 3:
+        raise ConfigError(f"resnet18 needs image inputs (C, H, W), the dataset gives {tuple(input_shape)}")
+    model = resnet18(num_classes=num_classes, norm_layer=lambda ch: nn.GroupNorm(groups, ch))
+    in_ch, height = int(input_shape[0]), int(input_shape[1])
+    if height <= 64:
+        model.conv1 = nn.Conv2d(in_ch, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()  # type: ignore[assignment]
+    elif in_ch != 3:
+        model.conv1 = nn.Conv2d(in_ch, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def build_model(factory: Callable[..., nn.Module], input_shape: Sequence[int], num_classes: int, *, seed: int) -> nn.Module:
+    """Build a model with initial weights drawn from the stream (seed, "init"), leaving torch's
+    global RNG as it was. Checks that it has no buffers and accepts the input shape."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed(seed, "init"))
+        model = factory(tuple(input_shape), int(num_classes))
+    try:
+        check_no_buffers(model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros(2, *input_shape))
+        except RuntimeError as exc:
+            raise ConfigError(f"model does not accept inputs of shape {tuple(input_shape)}: {exc}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"model outputs shape {tuple(out.shape[1:])}, expected ({num_classes},)")
+    return model

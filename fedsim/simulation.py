@@ -1,0 +1,105 @@
+"""From a composed config to a ready simulation: data, partition, model, strategy, executor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fedsim.config import validate
+from fedsim.data.base import FederatedData
+from fedsim.errors import ConfigError, FedsimError
+from fedsim.evaluate import Evaluator
+from fedsim.execution.worker import WorkerSpec
+from fedsim.logging import Callback
+from fedsim.models import build_model
+from fedsim.params import FlatModel
+from fedsim.seeding import np_rng
+from fedsim.server.state import ServerState
+
+
+def make(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces fedsim's own errors instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, FedsimError):
+                raise cause from None
+            if isinstance(cause, (TypeError, ValueError)) and cause is not exc:
+                target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+                raise ConfigError(f"bad options for {target}: {cause}") from None
+            cause = cause.__cause__
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(first) from None
+
+
+@dataclass
+class Simulation:
+    cfg: DictConfig
+    data: FederatedData
+    strategy: Any
+    executor: Any
+    server: Any
+    participation: Any
+    evaluator: Evaluator
+    state: ServerState
+    num_params: int
+
+    def run(self, callbacks: Sequence[Callback] = ()) -> tuple[ServerState, dict[str, object]]:
+        self.state, summary = self.server.run(
+            self.state,
+            strategy=self.strategy,
+            executor=self.executor,
+            participation=self.participation,
+            evaluator=self.evaluator,
+            callbacks=callbacks,
+        )
+        return self.state, summary
+
+    def info(self) -> dict[str, Any]:
+        sizes = self.data.partition.sizes()
+        return {
+            "executor": self.executor.description,
+            "num_params": self.num_params,
+            "partition_digest": self.data.partition.digest(),
+            "node_sizes_min": int(sizes.min()),
+            "node_sizes_max": int(sizes.max()),
+            "num_train": int(len(self.data.dataset.y_train)),
+            "num_test": int(len(self.data.dataset.y_test)),
+        }
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+
+def build(cfg: DictConfig) -> Simulation:
+    validate(cfg)
+    seed = int(cfg.seed)
+    dataset = make(cfg.dataset)
+    partitioner = make(cfg.partition)
+    partition = partitioner(dataset.y_train, dataset.y_test, int(cfg.num_nodes), np_rng(seed, "partition"))
+    data = FederatedData(dataset, partition)
+    model_factory = make(cfg.model)
+    model = build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed)
+    flat = FlatModel(model)
+    strategy = make(cfg.strategy)
+    participation = make(cfg.participation)
+    server = make(cfg.server)
+    spec = WorkerSpec(model_factory, dataset.input_shape, dataset.num_classes, strategy.client, seed, threads=1)
+    executor = make(cfg.cluster)(spec, data)
+    evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
+    params = flat.vector()
+    state = ServerState(0, 0, params, strategy.init(params))
+    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim)
+
+
+def set_driver_threads(n: int = 1) -> None:
+    """The driver evaluates with one thread so that reported losses are bit-reproducible."""
+    torch.set_num_threads(n)

@@ -1,0 +1,112 @@
+"""Client update rules: what a node does with the model it receives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fedsim.errors import ConfigError
+from fedsim.params import FlatModel
+from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
+
+
+class LocalSGD:
+    """Local minibatch SGD, returning the pseudo-gradient ``start - local``.
+
+    Runs ``epochs`` passes over the node's data (reshuffled each pass), or exactly ``steps``
+    minibatches when ``steps`` is set (cycling passes). Optional heavy-ball ``momentum`` (reset
+    every round) and L2 ``weight_decay``. Batch order comes from the node's own stream
+    (seed, "train", round, node_id), so the result does not depend on where the node runs.
+
+    Subclasses change the objective by overriding `loss`.
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float = 0.05,
+        epochs: int = 1,
+        steps: int | None = None,
+        batch_size: int = 32,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr <= 0:
+            raise ConfigError(f"client lr={lr} must be > 0")
+        if batch_size < 1:
+            raise ConfigError(f"client batch_size={batch_size} must be >= 1")
+        if steps is None and epochs < 1:
+            raise ConfigError(f"client epochs={epochs} must be >= 1 (or set steps)")
+        if steps is not None and steps < 1:
+            raise ConfigError(f"client steps={steps} must be >= 1")
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"client momentum={momentum} must be in [0, 1)")
+        self.lr = float(lr)
+        self.epochs = int(epochs)
+        self.steps = None if steps is None else int(steps)
+        self.batch_size = int(batch_size)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+
+    def work(self, num_examples: int) -> int:
+        if num_examples == 0:
+            return 0
+        if self.steps is not None:
+            return self.steps * min(self.batch_size, num_examples)
+        return self.epochs * num_examples
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, state: NodeState | None) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def _batches(self, n: int, gen: torch.Generator):
+        """Yield index tensors of minibatches for this round."""
+        b = self.batch_size
+        if self.steps is None:
+            for _ in range(self.epochs):
+                perm = torch.randperm(n, generator=gen)
+                for i in range(0, n, b):
+                    yield perm[i : i + b]
+            return
+        per_pass = math.ceil(n / b)
+        done = 0
+        while done < self.steps:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(min(per_pass, self.steps - done)):
+                yield perm[i * b : (i + 1) * b]
+            done += min(per_pass, self.steps - done)
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        n = len(data)
+        if n == 0:
+            return ClientResult(torch.zeros_like(start), state, {}, 0)
+        gen = ctx.generator()
+        flat, grad, module = model.flat, model.flat_grad, model.module
+        velocity = torch.zeros_like(flat) if self.momentum > 0 else None
+        loss_sum = 0.0
+        correct = 0
+        seen = 0
+        for idx in self._batches(n, gen):
+            xb = data.x.index_select(0, idx)
+            yb = data.y.index_select(0, idx)
+            grad.zero_()
+            logits = module(xb)
+            loss = self.loss(logits, yb, state)
+            loss.backward()
+            with torch.no_grad():
+                if self.weight_decay:
+                    grad.add_(flat, alpha=self.weight_decay)
+                if velocity is not None:
+                    velocity.mul_(self.momentum).add_(grad)
+                    flat.add_(velocity, alpha=-self.lr)
+                else:
+                    flat.add_(grad, alpha=-self.lr)
+                k = int(yb.shape[0])
+                loss_sum += float(loss) * k
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += k
+        metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
+        return ClientResult(start - flat, state, metrics, n)
