@@ -41,10 +41,10 @@ def _one_line(exc: BaseException) -> str:
             options.append(ln)
         if options:
             return f"{first}; available: {', '.join(options)}"
-    if "is not in struct" in text or "Could not override" in text:
-        key = re.search(r"Key '([^']+)'", text)
-        name = key.group(1) if key else "that key"
-        return f"{first.rstrip('.')}: there is no option '{name}'; check the spelling, or add it with +{name}=VALUE"
+    override = re.match(r"Could not override '([^']+)'", first)
+    if override:
+        key = override.group(1)
+        return f"there is no option '{key}'; check the spelling (a new key is added with +{key}=VALUE)"
     return first
 
 

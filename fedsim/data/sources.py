@@ -75,10 +75,15 @@ def load_synthetic(
     separation: float = 3.0,
     noise: float = 1.0,
     data_seed: int = 0,
+    shape: list[int] | None = None,
 ) -> Dataset:
     """A Gaussian mixture: class c has mean mu_c ~ N(0, (separation**2 / dim) I), so two class
     means lie about ``separation * sqrt(2)`` apart, plus isotropic N(0, noise**2 I) noise.
-    Balanced classes; any size."""
+    Balanced classes; any size. ``shape`` (e.g. [1, 28, 28]) makes image-shaped features of
+    prod(shape) dimensions instead of ``dim``."""
+    if shape is not None:
+        shape = [int(v) for v in shape]
+        dim = int(np.prod(shape))
     for key, value in (("num_classes", num_classes), ("dim", dim), ("n_train", n_train), ("n_test", n_test)):
         if value < 1:
             raise ConfigError(f"dataset.{key}={value} must be positive")
@@ -93,6 +98,8 @@ def load_synthetic(
 
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
+    if shape is not None:
+        x_tr, x_te = x_tr.reshape(-1, *shape), x_te.reshape(-1, *shape)
     return Dataset("synthetic", x_tr, y_tr, x_te, y_te, num_classes)
 
 
@@ -148,14 +155,14 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
         return None
 
     files = locate()
+    failure = "download disabled"
     if files is None and download:
-        _torchvision_download(folder, root)
+        failure = "download failed: " + (_torchvision_download(folder, root) or "files still missing")
         files = locate()
     if files is None:
         looked = ", ".join(str(d) for d in dirs)
         raise ConfigError(
-            f"{name}: IDX files ({_IDX_FILES['train_x']}[.gz] etc.) not found in {looked}"
-            + ("" if download else " (download disabled)")
+            f"{name}: IDX files ({_IDX_FILES['train_x']}[.gz] etc.) not found in {looked} ({failure})"
             + f"; put them in one of these folders or set dataset.root=DIR"
             + ("" if download else " or dataset.download=true")
         )
@@ -166,8 +173,9 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
     return Dataset(name, x_tr, y_tr, x_te, y_te, 10)
 
 
-def _torchvision_download(folder: str, root: Path, timeout: float = 30.0) -> None:
-    """Try torchvision's downloader; any failure (no network) leaves the caller to report."""
+def _torchvision_download(folder: str, root: Path, timeout: float = 30.0) -> str:
+    """Try torchvision's downloader. Returns "" on success, else a short reason (the caller
+    reports where it looked)."""
     import torchvision.datasets as tvd
 
     cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST, "CIFAR10": tvd.CIFAR10}[folder]
@@ -177,10 +185,11 @@ def _torchvision_download(folder: str, root: Path, timeout: float = 30.0) -> Non
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
-    except Exception:  # noqa: BLE001 - offline or blocked: the caller reports where it looked
-        pass
+    except Exception as exc:  # noqa: BLE001 - offline or blocked: the caller reports it
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
     finally:
         socket.setdefaulttimeout(old)
+    return ""
 
 
 def load_mnist(*, root: str | None = None, download: bool = True) -> Dataset:
@@ -227,13 +236,13 @@ def load_cifar10(*, root: str | None = None, download: bool = True, normalize: b
         return None
 
     found = locate()
+    failure = "download disabled"
     if found is None and download:
-        _torchvision_download("CIFAR10", base)
+        failure = "download failed: " + (_torchvision_download("CIFAR10", base) or "files still missing")
         found = locate()
     if found is None:
         raise ConfigError(
-            f"cifar10: {_CIFAR_DIR}/data_batch_1..5 and test_batch not found under {base}"
-            + ("" if download else " (download disabled)")
+            f"cifar10: {_CIFAR_DIR}/data_batch_1..5 and test_batch not found under {base} ({failure})"
             + "; extract cifar-10-python.tar.gz there or set dataset.root=DIR"
         )
     x_tr, y_tr = _read_cifar_batches(found, _CIFAR_TRAIN)

@@ -94,14 +94,14 @@ class SyncServer:
             down = len(tasks) * d * params.element_size()
             totals["bytes_up"] = totals.get("bytes_up", 0) + up
             totals["bytes_down"] = totals.get("bytes_down", 0) + down
-            totals["samples"] = totals.get("samples", 0) + sum(
-                strategy.client.work(n) for n in result.num_examples
-            )
+            samples = sum(strategy.client.work(n) for n in result.num_examples)
+            totals["samples"] = totals.get("samples", 0) + samples
             state = ServerState(t + 1, state.version + 1, params, strategy_state, node_states, totals)
             metrics: dict[str, object] = {
                 "round": t,
                 **_weighted_node_metrics(batch),
                 **agg,
+                "train/samples": samples,
                 "comm/bytes_up": up,
                 "comm/bytes_down": down,
                 "comm/bytes_up_total": totals["bytes_up"],

@@ -1,0 +1,40 @@
+"""Shared fixtures. One Ray instance for the whole session: a two-node cluster on 127.0.0.1
+(head with 2 logical CPUs, worker with 1), so multi-machine placement is tested for real."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 300 * 1024**2, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=1, object_store_memory=300 * 1024**2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def compose(*overrides: str):
+    """The composed config for ``overrides``, as the CLI would build it (outside a Hydra run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
