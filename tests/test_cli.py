@@ -1,0 +1,126 @@
+"""The command line as a user runs it: a real subprocess, a real Ray cluster, real W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def fedsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "fedsim", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_end_to_end_digits_on_the_ray_cluster(ray_cluster, tmp_path):
+    run = fedsim("dataset=digits", "num_nodes=20", "nodes_per_round=10", "rounds=5", "strategy.client.epochs=5",
+                 "cluster=ray", f"cluster.address={ray_cluster.address}", "cluster.num_actors=2",
+                 "logger=jsonl", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    start, rounds, end = records[0], records[1:-1], records[-1]
+    assert start["event"] == "run_start" and start["info"]["executor"].startswith("ray (2 actors")
+    assert start["names"]["strategy"] == "fedavg" and start["config"]["num_nodes"] == 20
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    for r in rounds:
+        for key in ("eval/acc", "eval/loss", "eval/node_acc_min", "eval/node_acc_mean", "eval/node_acc_max",
+                    "train/loss", "comm/bytes_up", "comm/bytes_down", "time/elapsed_s"):
+            assert key in r, key
+        assert r["eval/node_acc_min"] <= r["eval/node_acc_mean"] <= r["eval/node_acc_max"]
+        assert len(r["eval/node_acc"]) <= 20
+        assert r["comm/bytes_up"] == 10 * 4 * start["info"]["num_params"]
+    assert end["event"] == "run_end" and end["eval/acc"] > 0.5  # chance is 0.1
+    assert rounds[-1]["train/loss"] < rounds[0]["train/loss"]
+
+
+def test_default_run_shows_progress(tmp_path):
+    run = fedsim("rounds=3", "cluster=local", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    assert "round" in run.stderr and "acc=" in run.stderr and "fedsim: done, 3 rounds" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["strategy=nope"], "Could not find 'strategy/nope'; available: fedavg"),
+        (["nosuchkey=1"], "there is no option 'nosuchkey'"),
+        (["num_nodes=-3"], "num_nodes=-3 must be >= 1"),
+        (["nodes_per_round=50", "num_nodes=10"], "nodes_per_round=50 exceeds num_nodes=10"),
+        (["dataset=cifar10", "dataset.root=/nonexistent/fedsim", "dataset.download=false"], "/nonexistent/fedsim"),
+        (["model=cnn"], "too small"),
+        (["strategy.client.lr=0"], "client lr=0 must be > 0"),
+        (["partition=vrls_5clients"], "set num_nodes=5"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
+    run = fedsim(*args, "cluster=local", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedsim: error: ") and needle in lines[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_bad_value_inside_a_multirun_job_exits_2(tmp_path):
+    run = fedsim("-m", "nodes_per_round=30", "cluster=local", f"hydra.sweep.dir={tmp_path}")
+    assert run.returncode == 2 and "nodes_per_round=30 exceeds num_nodes=20" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_multirun_sweeps_strategies_and_seeds(tmp_path):
+    run = fedsim("-m", "seed=0,1", "rounds=2", "cluster=local", "logger=jsonl", f"hydra.sweep.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    finals = [read_jsonl(tmp_path / d / "metrics.jsonl")[-1] for d in ("0", "1")]
+    assert finals[0]["eval/loss"] != finals[1]["eval/loss"]
+
+
+def wandb_records(path: Path):
+    """Records of a W&B offline run file (LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, buf, block = path.read_bytes(), 7, b"", 32768
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            break
+        buf += raw[pos : pos + length]
+        pos += length
+        if kind in (1, 4):  # full or last fragment
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def test_wandb_offline_run_is_written_with_names_for_comparison(tmp_path):
+    run = fedsim("rounds=3", "cluster=local", "logger=wandb", f"hydra.run.dir={tmp_path}", timeout=600)
+    assert run.returncode == 0, run.stderr
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    records = list(wandb_records(files[0]))
+    (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert meta.display_name == "fedavg-digits-s0" and meta.run_group == "digits-dirichlet-mlp"
+    assert "strategy:fedavg" in meta.tags
+    logged = set()
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            logged |= {i.key or "/".join(i.nested_key) for i in r.history.item}
+    assert {"round", "eval/acc", "train/loss", "comm/bytes_up"} <= logged
