@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from fedsim.execution.local import LocalExecutor
 from fedsim.errors import FedsimError
 from fedsim.logging import Callback
 from fedsim.simulation import build, set_driver_threads
@@ -45,9 +48,7 @@ class Diverging(LocalSGD):
 def test_a_non_finite_update_is_reported_with_its_node():
     sim = build(compose(*BASE))
     sim.strategy.client = Diverging()
-    sim.executor.worker.spec = sim.executor.spec = type(sim.executor.spec)(
-        **{**sim.executor.spec.__dict__, "client_update": sim.strategy.client}
-    )
+    sim.executor = LocalExecutor(replace(sim.executor.spec, client_update=sim.strategy.client), sim.data)
     with pytest.raises(FedsimError, match="round 1: update contains NaN or Inf"):
         sim.run()
 

@@ -154,11 +154,7 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
                 return found  # type: ignore[return-value]
         return None
 
-    files = locate()
-    failure = "download disabled"
-    if files is None and download:
-        failure = "download failed: " + (_torchvision_download(folder, root) or "files still missing")
-        files = locate()
+    files, failure = _locate_or_download(locate, download, folder, root)
     if files is None:
         looked = ", ".join(str(d) for d in dirs)
         raise ConfigError(
@@ -190,6 +186,16 @@ def _torchvision_download(folder: str, root: Path, timeout: float = 30.0) -> str
     finally:
         socket.setdefaulttimeout(old)
     return ""
+
+
+def _locate_or_download(locate, download: bool, folder: str, root: Path):  # noqa: ANN001
+    """``locate()``; if nothing is found and ``download`` is on, download and look again.
+    Returns (what locate found or None, why nothing was found)."""
+    found = locate()
+    if found is not None or not download:
+        return found, "download disabled"
+    reason = _torchvision_download(folder, root)
+    return locate(), "download failed: " + (reason or "files still missing")
 
 
 def load_mnist(*, root: str | None = None, download: bool = True) -> Dataset:
@@ -235,11 +241,7 @@ def load_cifar10(*, root: str | None = None, download: bool = True, normalize: b
                 return d
         return None
 
-    found = locate()
-    failure = "download disabled"
-    if found is None and download:
-        failure = "download failed: " + (_torchvision_download("CIFAR10", base) or "files still missing")
-        found = locate()
+    found, failure = _locate_or_download(locate, download, "CIFAR10", base)
     if found is None:
         raise ConfigError(
             f"cifar10: {_CIFAR_DIR}/data_batch_1..5 and test_batch not found under {base} ({failure})"
