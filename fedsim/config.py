@@ -8,15 +8,16 @@ from omegaconf import DictConfig
 
 from fedsim.errors import ConfigError
 
-GROUPS = ("dataset", "partition", "model", "strategy", "participation", "server", "cluster", "logger")
+GROUPS = ("dataset", "partition", "model", "strategy", "attack", "participation", "server", "cluster", "logger")
 
 
-def _int(cfg: DictConfig, key: str, *, minimum: int) -> int:
+def _int(cfg: DictConfig, key: str, *, minimum: int, prefix: str = "") -> int:
     value: Any = cfg.get(key)
+    name = prefix + key
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}={max(minimum, 1)}")
+        raise ConfigError(f"{name}={value!r} must be an integer, e.g. {name}={max(minimum, 1)}")
     if value < minimum:
-        raise ConfigError(f"{key}={value} must be >= {minimum}")
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
 
 
@@ -30,6 +31,14 @@ def validate(cfg: DictConfig) -> None:
     per_round = _int(cfg, "nodes_per_round", minimum=1)
     _int(cfg, "rounds", minimum=1)
     _int(cfg, "eval_every", minimum=0)
+    byz = cfg.get("byzantine")
+    if byz is None:
+        raise ConfigError("config section 'byzantine' is missing; add byzantine.num=0")
+    num_byz = _int(byz, "num", minimum=0, prefix="byzantine.") if byz.get("num") is not None else 0
+    if num_byz > num_nodes:
+        raise ConfigError(f"byzantine.num={num_byz} exceeds num_nodes={num_nodes}; lower byzantine.num")
+    if byz.get("declared") is not None:
+        _int(byz, "declared", minimum=0, prefix="byzantine.")
     if per_round > num_nodes:
         raise ConfigError(
             f"nodes_per_round={per_round} exceeds num_nodes={num_nodes}; "

@@ -16,6 +16,7 @@ from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.evaluate import Evaluator
 from fedsim.execution.worker import WorkerSpec
+from fedsim.faults.byzantine import Byzantine
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.params import FlatModel
@@ -51,6 +52,7 @@ class Simulation:
     evaluator: Evaluator
     state: ServerState
     num_params: int
+    byzantine: Byzantine = Byzantine()
 
     def run(self, callbacks: Sequence[Callback] = ()) -> tuple[ServerState, dict[str, object]]:
         self.state, summary = self.server.run(
@@ -60,6 +62,8 @@ class Simulation:
             participation=self.participation,
             evaluator=self.evaluator,
             callbacks=callbacks,
+            byzantine=self.byzantine,
+            sizes=self.data.partition.sizes(),
         )
         return self.state, summary
 
@@ -73,6 +77,7 @@ class Simulation:
             "node_sizes_max": int(sizes.max()),
             "num_train": int(len(self.data.dataset.y_train)),
             "num_test": int(len(self.data.dataset.y_test)),
+            "byzantine_ids": sorted(self.byzantine.ids),
         }
 
     def close(self) -> None:
@@ -85,19 +90,35 @@ def build(cfg: DictConfig) -> Simulation:
     dataset = make(cfg.dataset)
     partitioner = make(cfg.partition)
     partition = partitioner(dataset.y_train, dataset.y_test, int(cfg.num_nodes), np_rng(seed, "partition"))
-    data = FederatedData(dataset, partition)
+    attack = make(cfg.attack) if cfg.attack.get("_target_") else None
+    byz_cfg = cfg.byzantine
+    byzantine = Byzantine.draw(
+        num_nodes=int(cfg.num_nodes), num=byz_cfg.num, declared=byz_cfg.declared, attack=attack, seed=seed
+    )
+    data = byzantine.poison(FederatedData(dataset, partition), seed)
     model_factory = make(cfg.model)
     model = build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed)
     flat = FlatModel(model)
     strategy = make(cfg.strategy)
     participation = make(cfg.participation)
     server = make(cfg.server)
+    p2p = bool(getattr(server, "peer_to_peer", False))
+    if p2p != bool(getattr(strategy, "peer_to_peer", False)):
+        if p2p:
+            raise ConfigError("server=p2p needs a peer-to-peer strategy, e.g. strategy=monna")
+        raise ConfigError("this strategy runs peer to peer; add server=p2p")
+    check = getattr(strategy, "check", None)
+    if check is not None:
+        rows = server.received(byzantine) if p2p else int(cfg.nodes_per_round)
+        check(rows)
+    if attack is not None and getattr(attack, "needs_defence", False) and not (p2p or hasattr(strategy, "defence")):
+        raise ConfigError(f"attack {type(attack).__name__} line-searches against the defence, which this strategy does not expose")
     spec = WorkerSpec(model_factory, dataset.input_shape, dataset.num_classes, strategy.client, seed, threads=1)
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
-    state = ServerState(0, 0, params, strategy.init(params))
-    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim)
+    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, strategy.init(params))
+    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine)
 
 
 def set_driver_threads(n: int = 1) -> None:

@@ -1,14 +1,106 @@
-"""Aggregation rules: pure functions ``(U, weights) -> vector`` on an (n, d) matrix."""
+"""Aggregation rules: functions ``(U, weights) -> vector`` on an (n, d) matrix of node messages.
+
+Every rule here is pure: it never writes to ``U`` or ``weights`` and keeps no hidden state. The
+one stateful rule, centered clipping, takes its centre as explicit state through
+``aggregate(U, weights, state) -> (vector, state)``; every rule has that method (stateless rules
+return the state unchanged), so strategies call all of them the same way.
+
+Robust rules take ``f``, the number of Byzantine rows the defence *assumes*
+(``byzantine.declared``), which may differ from the number actually present. Unless a docstring
+says otherwise they ignore ``weights`` (robust rules are unweighted, as in ByzFL). Semantics and
+defaults follow ByzFL (LPD-EPFL/byzfl, aggregators.py) as summarised in
+shared/specs/robust_aggregation.md; deviations are stated per rule.
+
+Non-finite rows (an Inf or NaN attack) are handled explicitly: distance-based rules treat them as
+infinitely far from everything, sort-based rules sort them to the ends (NaN counts as largest),
+and the geometric median drops them. Within the declared f every rule below returns a finite
+vector; the conformance suite in tests/strategies/test_aggregators.py checks it.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from fedsim.errors import ConfigError
 
-class Mean:
+
+def _check_matrix(U: torch.Tensor) -> None:
+    if U.ndim != 2:
+        raise ValueError(f"aggregators take an (n, d) matrix, got shape {tuple(U.shape)}")
+    if U.shape[0] == 0:
+        raise ValueError("aggregators need at least one row")
+
+
+def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 squared Euclidean distances via the Gram matrix: one (n, d) x (d, n)
+    product, O(n^2 d) flops but matrix-multiply fast, instead of n^2 vector subtractions.
+
+    Rows are centred on the mean of the finite rows first (distances are translation invariant)
+    and the product runs in float64, which keeps the usual cancellation error of the Gram trick
+    small; results are clamped at 0 and the diagonal is exactly 0. A row with any NaN/Inf is at
+    distance +inf from every other row (the MoNNA code's convention for non-finite distances).
+    """
+    _check_matrix(U)
+    n = U.shape[0]
+    finite = torch.isfinite(U).all(dim=1)
+    D = torch.full((n, n), float("inf"), dtype=torch.float64)
+    idx = finite.nonzero().flatten()
+    if idx.numel() > 0:
+        X = U.index_select(0, idx).to(torch.float64)
+        X = X - X.mean(dim=0, keepdim=True)
+        sq = (X * X).sum(dim=1)
+        G = X @ X.T
+        Dsub = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_(min=0.0)
+        D[idx[:, None], idx[None, :]] = Dsub
+    D.fill_diagonal_(0.0)
+    return D
+
+
+class Rule:
+    """Common plumbing: the ``aggregate`` form with explicit state and a size check."""
+
+    f: int = 0
+
+    def init(self) -> dict[str, Any]:
+        """Initial state (empty for stateless rules)."""
+        return {}
+
+    def aggregate(
+        self, U: torch.Tensor, weights: torch.Tensor, state: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self(U, weights), state
+
+    def check(self, n: int) -> None:
+        """Raise ConfigError if the rule cannot run on n rows with its declared f."""
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _need_f(name: str, f: int) -> int:
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ConfigError(f"{name}: f={f!r} must be an integer >= 0 (set byzantine.declared)")
+    return f
+
+
+def _need_majority(name: str, n: int, f: int, *, factor: int = 2, extra: int = 0) -> None:
+    if not factor * f + extra < n:
+        raise ConfigError(
+            f"{name} needs {factor}f{' + ' + str(extra) if extra else ''} < n, but f={f} and n={n}; "
+            f"lower byzantine.declared or raise nodes_per_round"
+        )
+
+
+class Mean(Rule):
     """Weighted mean: sum_i w_i x_i / sum_i w_i (with w_i = examples of node i, FedAvg's
     sample-weighted mean; McMahan et al. 2017). Rows with zero weight do not count; if every
-    weight is zero the result is the zero vector (no data, no update)."""
+    weight is zero the result is the zero vector (no data, no update). Not robust (f = 0)."""
 
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
         if U.ndim != 2:
@@ -18,3 +110,205 @@ class Mean:
         if U.shape[0] == 0 or total <= 0:
             return torch.zeros(U.shape[1], dtype=U.dtype)
         return ((w / total).to(U.dtype) @ U).contiguous()
+
+
+def _nan_last_sort(U: torch.Tensor) -> torch.Tensor:
+    """Sort each column ascending; torch sorts NaN after +inf, so NaN rows count as largest."""
+    return torch.sort(U, dim=0).values
+
+
+class CoordinateMedian(Rule):
+    """Coordinate-wise median (Yin et al. 2018). For even n it is the **average of the two middle
+    values** (numpy's convention, and the interpolating ``quantile(0.5)`` of the MoNNA code), not
+    torch.median's lower middle value. Robust to f < n/2 rows; ``f`` is only checked."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("median", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("median", n, self.f)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        n = U.shape[0]
+        S = _nan_last_sort(U)
+        if n % 2 == 1:
+            return S[n // 2].clone()
+        return (S[n // 2 - 1] + S[n // 2]) / 2
+
+
+class TrimmedMean(Rule):
+    """Coordinate-wise trimmed mean (Yin et al. 2018; ByzFL ``TrMean``): per coordinate, sort
+    the n values, drop the f smallest and the f largest, average the n - 2f left. Needs 2f < n;
+    with f = 0 it is the (unweighted) mean."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("trimmed_mean", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("trimmed_mean", n, self.f)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        n = U.shape[0]
+        self.check(n)
+        if self.f == 0:
+            return U.mean(dim=0)
+        return _nan_last_sort(U)[self.f : n - self.f].mean(dim=0)
+
+
+def _krum_scores(U: torch.Tensor, f: int) -> torch.Tensor:
+    """s_i = mean of the n - f - 1 smallest squared distances from x_i to the other rows."""
+    n = U.shape[0]
+    D = pairwise_sq_distances(U)
+    m = n - f - 1
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.float64)
+    D = D + torch.diag(torch.full((n,), float("inf"), dtype=torch.float64))  # exclude j = i
+    return torch.topk(D, m, dim=1, largest=False).values.mean(dim=1)
+
+
+class Krum(Rule):
+    """Krum (Blanchard et al. 2017): score each row by the mean of its squared distances to its
+    n - f - 1 nearest other rows and return the row with the lowest score (ties: lowest index).
+    Mean or sum of squared distances gives the same argmin; ByzFL's mean is used. Squared
+    distances as in the paper (the MoNNA repository's Krum uses plain distances). Needs
+    2f + 2 < n."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("krum", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("krum", n, self.f, extra=2)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        if U.shape[0] == 1:
+            return U[0].clone()
+        scores = _krum_scores(U, self.f)
+        return U[int(torch.argmin(scores))].clone()
+
+
+class MultiKrum(Rule):
+    """Multi-Krum (Blanchard et al. 2017; ByzFL default m = n - f): Krum's scores, then the mean
+    of the m rows with the lowest scores. ``m=None`` means n - f. Needs 2f + 2 < n."""
+
+    def __init__(self, *, f: int = 0, m: int | None = None) -> None:
+        self.f = _need_f("multi_krum", f)
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(f"multi_krum: m={m!r} must be an integer >= 1 or null (n - f)")
+        self.m = m
+
+    def check(self, n: int) -> None:
+        _need_majority("multi_krum", n, self.f, extra=2)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        n = U.shape[0]
+        m = min(n - self.f if self.m is None else self.m, n)
+        scores = _krum_scores(U, self.f)
+        order = torch.argsort(scores, stable=True)[: max(m, 1)]
+        return U.index_select(0, order).mean(dim=0)
+
+
+class GeometricMedian(Rule):
+    """Smoothed Weiszfeld geometric median (RFA, Pillutla et al. 2022). T iterations of
+    beta_i = (1/n) / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i.
+
+    Defaults nu = 0.1, T = 3, z_0 = 0 (ByzFL and the MoNNA code). ``start="median"`` starts at the
+    coordinate-wise median instead, with which a few more iterations (T ~ 8-10) converge far
+    better in practice (``start`` picks z_0). Rows with NaN/Inf are dropped first (ByzFL). Ignores weights."""
+
+    def __init__(self, *, f: int = 0, nu: float = 0.1, iters: int = 3, start: str = "zero") -> None:
+        self.f = _need_f("geometric_median", f)
+        if nu <= 0:
+            raise ConfigError(f"geometric_median: nu={nu} must be > 0")
+        if iters < 1:
+            raise ConfigError(f"geometric_median: iters={iters} must be >= 1")
+        if start not in ("zero", "mean", "median"):
+            raise ConfigError(f"geometric_median: start={start!r} must be one of zero, mean, median")
+        self.nu = float(nu)
+        self.iters = int(iters)
+        self.start = start
+
+    def check(self, n: int) -> None:
+        _need_majority("geometric_median", n, self.f)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        X = U[torch.isfinite(U).all(dim=1)]
+        if X.shape[0] == 0:
+            raise ValueError("geometric_median: every row is NaN or Inf")
+        if self.start == "zero":
+            z = torch.zeros(U.shape[1], dtype=U.dtype)
+        elif self.start == "mean":
+            z = X.mean(dim=0)
+        else:
+            z = CoordinateMedian()(X, weights)
+        n = X.shape[0]
+        for _ in range(self.iters):
+            dist = torch.linalg.vector_norm(X - z, dim=1).to(torch.float64)
+            beta = (1.0 / n) / dist.clamp(min=self.nu)
+            z = ((beta / beta.sum()).to(U.dtype) @ X).contiguous()
+        return z
+
+
+def _clip_rows(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """delta_i * min(1, radius / ||delta_i||); rows with NaN/Inf have no direction and become 0."""
+    norms = torch.linalg.vector_norm(delta, dim=1)
+    ok = torch.isfinite(norms)
+    scale = torch.where(ok, (radius / norms.clamp(min=1e-30)).clamp(max=1.0), torch.zeros_like(norms))
+    return torch.where(ok[:, None], delta, torch.zeros_like(delta)) * scale[:, None]
+
+
+class CenteredClipping(Rule):
+    """Centered clipping, CClip(m, L, tau) (Karimireddy, He & Jaggi 2021):
+    v_0 = m; v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||), L iterations.
+
+    **Stateful**: the centre m is the previous output, carried in the explicit state
+    ``{"center": v}`` (zeros at the first call, as in ByzFL; defaults L = 1, tau = 100). One state
+    per aggregation site: each P2P node keeps its own. A row with NaN/Inf has no direction from
+    the centre and contributes nothing (deviation: in ByzFL it would make the output NaN)."""
+
+    def __init__(self, *, f: int = 0, tau: float = 100.0, iters: int = 1) -> None:
+        self.f = _need_f("centered_clipping", f)
+        if tau <= 0:
+            raise ConfigError(f"centered_clipping: tau={tau} must be > 0")
+        if iters < 1:
+            raise ConfigError(f"centered_clipping: iters={iters} must be >= 1")
+        self.tau = float(tau)
+        self.iters = int(iters)
+
+    def aggregate(
+        self, U: torch.Tensor, weights: torch.Tensor, state: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        _check_matrix(U)
+        center = state.get("center")
+        v = torch.zeros(U.shape[1], dtype=U.dtype) if center is None else center.to(U.dtype)
+        for _ in range(self.iters):
+            v = v + _clip_rows(U - v, self.tau).mean(dim=0)
+        return v, {"center": v.clone()}
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        """One call from a zero centre (the first call of a run)."""
+        return self.aggregate(U, weights, {})[0]
+
+
+class Meamed(Rule):
+    """Mean around the median (Xie et al. 2018; ByzFL ``Meamed``): per coordinate, the average of
+    the n - f values closest to the coordinate-wise median (ties: lower row index). Needs 2f < n."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("meamed", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("meamed", n, self.f)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        _check_matrix(U)
+        n = U.shape[0]
+        med = CoordinateMedian()(U, weights)
+        gap = (U - med).abs().nan_to_num_(nan=float("inf"))
+        # Stable sort on the gap: ties keep row order, so the choice is deterministic.
+        order = torch.sort(gap, dim=0, stable=True).indices[: n - self.f]
+        return torch.gather(U, 0, order).mean(dim=0)

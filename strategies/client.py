@@ -110,3 +110,85 @@ class LocalSGD:
                 seen += k
         metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
         return ClientResult(start - flat, state, metrics, n)
+
+
+class WorkerMomentum(LocalSGD):
+    """One minibatch gradient per round with Polyak momentum kept at the node.
+
+    g = grad of the loss (+ ``weight_decay`` * x) on one minibatch of ``batch_size`` at the
+    received model, optionally clipped to norm ``grad_clip``; then
+    m <- beta * m + (1 - dampening) * g, with ``dampening=None`` meaning dampening = beta (the EMA
+    m <- beta m + (1 - beta) g of ByzFL and of the MoNNA paper). m starts at 0 and **persists
+    across rounds in the node state** (``{"momentum": m}``), travelling with the node's task.
+
+    The message is m itself (``lr=None``: the server applies its own step, ByzFL's robust D-SGD),
+    or the local step lr_t * m (``lr`` set: the node moves to x - lr_t m, as in MoNNA's P2P loop)
+    with lr_t = lr / (1 + floor(t / lr_decay_delta) * lr_decay_delta / lr_decay) when
+    ``lr_decay`` is set (the MoNNA scripts' schedule), else lr.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 25,
+        beta: float = 0.9,
+        dampening: float | None = None,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        lr: float | None = None,
+        lr_decay: float | None = None,
+        lr_decay_delta: int = 1,
+    ) -> None:
+        super().__init__(lr=1.0 if lr is None else lr, steps=1, batch_size=batch_size, weight_decay=weight_decay)
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"client beta={beta} must be in [0, 1)")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ConfigError(f"client grad_clip={grad_clip} must be > 0 or null")
+        if lr_decay is not None and lr_decay <= 0:
+            raise ConfigError(f"client lr_decay={lr_decay} must be > 0 or null")
+        if lr_decay_delta < 1:
+            raise ConfigError(f"client lr_decay_delta={lr_decay_delta} must be >= 1")
+        self.beta = float(beta)
+        self.dampening = self.beta if dampening is None else float(dampening)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.step_lr = None if lr is None else float(lr)
+        self.lr_decay = None if lr_decay is None else float(lr_decay)
+        self.lr_decay_delta = int(lr_decay_delta)
+
+    def lr_at(self, t: int) -> float:
+        """The local step size of round t (only with ``lr`` set)."""
+        assert self.step_lr is not None
+        if self.lr_decay is None:
+            return self.step_lr
+        d = self.lr_decay_delta
+        return self.step_lr / (1.0 + (t // d) * d / self.lr_decay)
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        n = len(data)
+        old = None if state is None else state.get("momentum")
+        m = torch.zeros_like(start) if old is None else old.clone()
+        if n == 0:
+            return ClientResult(torch.zeros_like(start), {"momentum": m}, {}, 0)
+        idx = next(self._batches(n, ctx.generator()))
+        xb = data.x.index_select(0, idx)
+        yb = data.y.index_select(0, idx)
+        flat, grad = model.flat, model.flat_grad
+        grad.zero_()
+        logits = model.module(xb)
+        loss = self.loss(logits, yb, state)
+        loss.backward()
+        with torch.no_grad():
+            g = grad.clone()
+            if self.weight_decay:
+                g.add_(flat, alpha=self.weight_decay)
+            if self.grad_clip is not None:
+                norm = float(g.norm())
+                if norm > self.grad_clip:
+                    g.mul_(self.grad_clip / norm)
+            m.mul_(self.beta).add_(g, alpha=1.0 - self.dampening)
+            k = int(yb.shape[0])
+            metrics = {"train/loss": float(loss), "train/acc": int((logits.argmax(1) == yb).sum()) / k}
+        message = m.clone() if self.step_lr is None else m * self.lr_at(ctx.round)
+        return ClientResult(message, {"momentum": m}, metrics, n)

@@ -39,6 +39,10 @@ def overrides_for(group: str, option: str, root) -> list[str]:
         ov += [f"dataset.root={root}", "dataset.download=false"]
     if group == "partition" and option.startswith("vrls_"):
         ov += [f"num_nodes={5 if '5clients' in option else 10}", "nodes_per_round=2"]
+    if group == "attack" and option != "none":
+        ov += ["byzantine.num=2"]
+    if group == "server" and option == "p2p":
+        ov += ["strategy=monna"]
     if group == "cluster" and option == "ray":
         ov += ["cluster.num_actors=1"]
     return ov
@@ -63,12 +67,26 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
     elif group == "strategy":
         strat = make(node)
         assert callable(strat.client) and strat.init(torch.zeros(3)) is not None
+    elif group == "attack":
+        if option == "none":
+            assert not node.get("_target_")
+        else:
+            attack = make(node)
+            if attack.kind == "data":
+                y = np.repeat(np.arange(10), 5)
+                assert (attack.poison(y, 10, np_rng(0, "poison", 0)) != y).any()
+            else:
+                honest = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+                rows, _ = attack(honest, 2, rng=torch.Generator().manual_seed(1),
+                                 defence=lambda U: U.median(dim=0).values)
+                assert rows.shape == (2, 4)
     elif group == "participation":
         ids = make(node)(0, 20, 5, np_rng(0, "sample", 0))
         assert len(ids) == 5 and len(set(ids.tolist())) == 5
     elif group == "server":
         server = make(node)
-        assert server.rounds == cfg.rounds and server.nodes_per_round == cfg.nodes_per_round
+        assert server.rounds == cfg.rounds and server.num_nodes == cfg.num_nodes
+        assert getattr(server, "nodes_per_round", cfg.nodes_per_round) == cfg.nodes_per_round
     elif group == "cluster":
         if option == "ray":
             request.getfixturevalue("ray_cluster")

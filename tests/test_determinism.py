@@ -47,3 +47,31 @@ def test_seed_changes_the_result():
     a = build(compose(*BASE, "cluster=local"))
     b = build(compose(*BASE, "cluster=local", "seed=8"))
     assert not torch.equal(a.run()[0].params, b.run()[0].params)
+
+
+BYZ = ["dataset=digits", "model=logreg", "num_nodes=10", "nodes_per_round=8", "rounds=3", "eval_every=0", "seed=5"]
+
+
+def run_params(*overrides: str) -> torch.Tensor:
+    set_driver_threads(1)
+    sim = build(compose(*BYZ, *overrides))
+    try:
+        return sim.run()[0].params
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["strategy=robust", "attack=optimal_alie", "byzantine.num=2", "strategy.preaggregators=[nnm,bucketing]",
+         "strategy/aggregator=centered_clipping"],
+        ["strategy=fedavg", "attack=label_flip", "byzantine.num=2", "strategy/aggregator=median"],
+        ["strategy=monna", "server=p2p", "strategy.client.lr=0.1", "attack=ipm", "byzantine.num=2"],
+    ],
+    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p"],
+)
+def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
+    local = run_params(*setup, "cluster=local")
+    ray2 = run_params(*setup, "cluster=ray", "cluster.num_actors=2")
+    assert torch.isfinite(local).all() and torch.equal(local, ray2)

@@ -21,7 +21,7 @@ class LocalExecutor:
         self.num_workers = 1
         self.description = "local (in-process)"
 
-    def run_round(self, params: torch.Tensor, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run_round(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
         threads = torch.get_num_threads()
         try:
             return RoundResult.merge([self.worker.run(params, round_, list(tasks))])

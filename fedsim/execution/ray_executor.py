@@ -93,7 +93,7 @@ class RayExecutor:
         self.num_workers = n
         self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s))"
 
-    def run_round(self, params: torch.Tensor, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run_round(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
         import ray
 
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]

@@ -30,8 +30,12 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class NodeTask:
+    """One node's work in a round: its id, its persistent state and, when nodes hold models of
+    their own (peer to peer), the model it starts from instead of the broadcast one."""
+
     node_id: int
     state: NodeState | None = None
+    start: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,7 +99,7 @@ class NodeWorker:
         ix = self.index[node_id]
         return NodeData(self.x.index_select(0, ix), self.y.index_select(0, ix))
 
-    def run(self, params: torch.Tensor, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
         import time
 
         torch.set_num_threads(self.spec.threads)
@@ -103,9 +107,12 @@ class NodeWorker:
         t0 = time.perf_counter()
         for task in tasks:
             ctx = ClientContext(round_, task.node_id, self.spec.seed, self.spec.num_classes)
-            self.model.load(params)
+            start = task.start if task.start is not None else params
+            if start is None:
+                raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
+            self.model.load(start)
             try:
-                result = self.spec.client_update(self.model, params, self.node_data(task.node_id), task.state, ctx)
+                result = self.spec.client_update(self.model, start, self.node_data(task.node_id), task.state, ctx)
             except Exception as exc:  # noqa: BLE001 - reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
             if not torch.isfinite(result.message).all():

@@ -22,6 +22,7 @@ class ServerState:
     strategy_state: dict[str, Any]
     node_states: dict[int, NodeState] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
+    attack_state: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (tensors, numbers, dicts) suitable for ``torch.save``."""
@@ -32,4 +33,5 @@ class ServerState:
             "strategy_state": self.strategy_state,
             "node_states": self.node_states,
             "totals": dict(self.totals),
+            "attack_state": self.attack_state,
         }

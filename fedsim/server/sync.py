@@ -1,5 +1,5 @@
-"""The synchronous server loop: sample -> broadcast -> run nodes -> gather -> strategy step ->
-evaluate every k rounds -> callbacks. (Attacks and compression plug in between gather and step.)"""
+"""The synchronous server loop: sample -> broadcast -> run honest nodes -> gather -> Byzantine
+rows (attack) -> shuffle -> strategy step -> evaluate every k rounds -> callbacks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.execution.worker import NodeTask, RoundResult
+from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.logging import Callback
 from fedsim.seeding import np_rng
 from fedsim.server.state import ServerState
@@ -69,18 +70,43 @@ class SyncServer:
         participation: Callable[..., np.ndarray],
         evaluator: Callable[[torch.Tensor], dict[str, object]] | None,
         callbacks: Sequence[Callback] = (),
+        byzantine: Byzantine | None = None,
+        sizes: np.ndarray | None = None,
     ) -> tuple[ServerState, dict[str, object]]:
         start = time.perf_counter()
+        byzantine = byzantine if byzantine is not None else Byzantine()
+        defence_of = getattr(strategy, "defence", None)
         last_eval: dict[str, object] = {}
         while state.round < self.rounds:
             t = state.round
             t0 = time.perf_counter()
             ids = participation(t, self.num_nodes, self.nodes_per_round, np_rng(self.seed, "sample", t))
-            tasks = [NodeTask(int(i), state.node_states.get(int(i))) for i in ids]
-            result = executor.run_round(state.params, t, tasks)
+            ids = [int(i) for i in ids]
+            byz_ids = [i for i in ids if i in byzantine.ids]
+            tasks = [NodeTask(i, state.node_states.get(i)) for i in ids if byzantine.trains(i)]
+            if tasks:
+                result = executor.run_round(state.params, t, tasks)
+            else:
+                d0 = int(state.params.numel())
+                result = RoundResult([], torch.zeros(0, d0, dtype=state.params.dtype), [], [], [])
             train_s = time.perf_counter() - t0
             batch = to_batch(result, version=state.version)
-            info = RoundInfo(t, state.version, self.seed, self.num_nodes, tuple(int(i) for i in ids))
+            info = RoundInfo(t, state.version, self.seed, self.num_nodes, tuple(ids), byzantine.declared)
+            attack_metrics: dict[str, object] = {}
+            attack_state = state.attack_state
+            if byzantine.num:
+                defence = defence_of(state.strategy_state, info) if defence_of is not None else None
+                injected = inject(
+                    batch, byz_ids, byzantine=byzantine, info=info, state=attack_state,
+                    defence=defence, sizes=sizes if sizes is not None else np.zeros(self.num_nodes, dtype=np.int64),
+                )
+                batch = injected.batch
+                attack_state = injected.attack_state
+                attack_metrics = {"attack/byzantine_rows": injected.num_byzantine, "attack/byzantine_sampled": len(byz_ids)}
+                if "tau" in injected.attack_state:
+                    attack_metrics["attack/tau"] = float(injected.attack_state["tau"])
+            if len(batch) == 0:
+                raise FedsimError(f"round {t} has no updates at all (every sampled node is silent); raise nodes_per_round")
             params, strategy_state, agg = strategy.step(state.params, batch, state.strategy_state, info)
             if not torch.isfinite(params).all():
                 raise FedsimError(f"server parameters became NaN or Inf in round {t}; lower the learning rates")
@@ -96,11 +122,12 @@ class SyncServer:
             totals["bytes_down"] = totals.get("bytes_down", 0) + down
             samples = sum(strategy.client.work(n) for n in result.num_examples)
             totals["samples"] = totals.get("samples", 0) + samples
-            state = ServerState(t + 1, state.version + 1, params, strategy_state, node_states, totals)
+            state = ServerState(t + 1, state.version + 1, params, strategy_state, node_states, totals, attack_state)
             metrics: dict[str, object] = {
                 "round": t,
                 **_weighted_node_metrics(batch),
                 **agg,
+                **attack_metrics,
                 "train/samples": samples,
                 "comm/bytes_up": up,
                 "comm/bytes_down": down,

@@ -105,3 +105,35 @@ def test_local_sgd_rejects_bad_options():
     for kwargs in ({"lr": 0}, {"batch_size": 0}, {"epochs": 0}, {"steps": 0}, {"momentum": 1.0}):
         with pytest.raises(ConfigError):
             LocalSGD(**kwargs)
+
+
+def gradient_at(model, start, data, idx):
+    model.load(start)
+    model.flat_grad.zero_()
+    torch.nn.functional.cross_entropy(model.module(data.x[idx]), data.y[idx]).backward()
+    return model.flat_grad.clone()
+
+
+def test_worker_momentum_persists_across_rounds_in_node_state():
+    from strategies.client import WorkerMomentum
+
+    model = FlatModel(nn.Linear(4, 2))
+    start = model.vector()
+    data = linear_node()
+    wm = WorkerMomentum(batch_size=5, beta=0.9)
+    c0, c1 = ClientContext(0, 2, 0, 2), ClientContext(1, 2, 0, 2)
+    g0 = gradient_at(model, start, data, next(wm._batches(20, c0.generator())))
+    g1 = gradient_at(model, start, data, next(wm._batches(20, c1.generator())))
+    model.load(start)
+    r0 = wm(model, start, data, None, c0)
+    assert torch.allclose(r0.message, 0.1 * g0) and torch.equal(r0.state["momentum"], r0.message)
+    model.load(start)
+    r1 = wm(model, start, data, r0.state, c1)
+    assert torch.allclose(r1.message, 0.9 * 0.1 * g0 + 0.1 * g1, atol=1e-7)
+    assert torch.allclose(r1.state["momentum"], r1.message)
+    # with a local lr and the MoNNA schedule the message is the local step lr_t * m
+    step = WorkerMomentum(batch_size=5, beta=0.0, lr=0.75, lr_decay=50, lr_decay_delta=50)
+    assert step.lr_at(49) == 0.75 and step.lr_at(50) == pytest.approx(0.375) and step.lr_at(149) == pytest.approx(0.25)
+    model.load(start)
+    r = step(model, start, data, None, c0)
+    assert torch.allclose(r.message, 0.75 * g0)

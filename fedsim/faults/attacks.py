@@ -1,0 +1,349 @@
+"""Byzantine attacks.
+
+An *update attack* runs at the server after the honest nodes of a round have reported: it sees
+their messages (omniscient, as in every paper below) and returns the f Byzantine rows,
+
+    attack(honest (h, d), f, *, info, rng, state, defence) -> ((f, d) rows, state)
+
+``rng`` is the round's attack stream (seed, "attack", round); ``state`` is the attack's own
+explicit state (only the mimic heuristic uses it); ``defence`` is the configured aggregation as a
+function ``U -> vector`` (pre-aggregators and aggregator, for the optimal attacks that line-search
+their strength against it). All f rows are identical unless a docstring says otherwise. The same
+attack acts on whatever the honest rows are: momenta or pseudo-gradients at a server, parameters
+in the peer-to-peer loop (shared/specs/robust_aggregation.md, section 3).
+
+A *data attack* (``LabelFlip``) runs inside the Byzantine nodes instead: they train on poisoned
+labels and send what honest training on those labels gives.
+
+Formulas and defaults: ByzFL (LPD-EPFL/byzfl, attacks.py) unless stated, the MoNNA repository
+(LPD-EPFL/robust-collaborative-learning) where it differs, and the original papers cited per
+class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.errors import ConfigError
+from fedsim.types import RoundInfo
+
+Defence = Callable[[torch.Tensor], torch.Tensor]
+
+
+def honest_stats(honest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and coordinate-wise standard deviation (ddof = 1, as ByzFL) of the honest rows; the
+    standard deviation is 0 with fewer than two rows, and both are 0 with none."""
+    h, d = honest.shape
+    if h == 0:
+        z = torch.zeros(d, dtype=honest.dtype)
+        return z, z.clone()
+    mean = honest.mean(dim=0)
+    std = honest.std(dim=0, correction=1) if h > 1 else torch.zeros_like(mean)
+    return mean, std
+
+
+def _rows(vector: torch.Tensor, f: int) -> torch.Tensor:
+    return vector.unsqueeze(0).expand(f, -1).clone()
+
+
+class Attack:
+    """Base of the update attacks: stateless, needs no defence, one identical row per attacker."""
+
+    kind = "update"
+    needs_defence = False
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def vector(self, honest: torch.Tensor, f: int, rng: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        honest: torch.Tensor,
+        f: int,
+        *,
+        info: RoundInfo | None = None,
+        rng: torch.Generator | None = None,
+        state: dict[str, Any] | None = None,
+        defence: Defence | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        state = {} if state is None else state
+        if f == 0:
+            return honest.new_zeros((0, honest.shape[1])), state
+        return _rows(self.vector(honest, f, rng), f), state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
+
+
+class SignFlip(Attack):
+    """Sign flipping (Allen-Zhu et al. 2020; ByzFL ``SignFlipping``): b = -mean(honest)."""
+
+    def vector(self, honest, f, rng):
+        return -honest_stats(honest)[0]
+
+
+class IPM(Attack):
+    """Inner product manipulation, "Fall of Empires" (Xie, Koyejo & Gupta, UAI 2019):
+    b = -tau mean(honest). ByzFL default tau = 2; the paper uses small tau (0.1) against
+    median/Krum-type rules and large tau (100) against the others."""
+
+    def __init__(self, *, tau: float = 2.0) -> None:
+        self.tau = float(tau)
+
+    def vector(self, honest, f, rng):
+        return -self.tau * honest_stats(honest)[0]
+
+
+class ALIE(Attack):
+    """A Little Is Enough (Baruch, Baruch & Goldberg, NeurIPS 2019), two forms.
+
+    - ``z=None`` (default, ByzFL's form): b = mean + tau * std, tau = 1.5.
+    - ``z="max"`` (the paper's rule): b = mean - z_max * std with s = floor(n/2 + 1) - f and
+      z_max = Phi^-1((n - s) / n), n = honest + Byzantine rows of the round.
+    """
+
+    def __init__(self, *, tau: float = 1.5, z: str | None = None) -> None:
+        if z not in (None, "max"):
+            raise ConfigError(f"alie: z={z!r} must be null (tau form) or 'max' (Baruch et al.'s z_max)")
+        self.tau = float(tau)
+        self.z = z
+
+    @staticmethod
+    def z_max(n: int, f: int) -> float:
+        s = n // 2 + 1 - f
+        p = (n - s) / n
+        if not 0.0 < p < 1.0:
+            return 0.0
+        return NormalDist().inv_cdf(p)
+
+    def vector(self, honest, f, rng):
+        mean, std = honest_stats(honest)
+        if self.z == "max":
+            return mean - self.z_max(honest.shape[0] + f, f) * std
+        return mean + self.tau * std
+
+
+class Gaussian(Attack):
+    """Random vectors b ~ N(mu, sigma^2 I), independent of the honest rows; each attacker draws
+    its own row (ByzFL ``Gaussian``, defaults mu = 0, sigma = 1)."""
+
+    def __init__(self, *, mu: float = 0.0, sigma: float = 1.0) -> None:
+        if sigma < 0:
+            raise ConfigError(f"gaussian: sigma={sigma} must be >= 0")
+        self.mu = float(mu)
+        self.sigma = float(sigma)
+
+    def __call__(self, honest, f, *, info=None, rng=None, state=None, defence=None):
+        state = {} if state is None else state
+        noise = torch.randn((f, honest.shape[1]), generator=rng, dtype=honest.dtype)
+        return self.mu + self.sigma * noise, state
+
+
+class Inf(Attack):
+    """Every coordinate +inf (ByzFL ``Inf``): tests that defences survive non-finite input."""
+
+    def vector(self, honest, f, rng):
+        return torch.full((honest.shape[1],), float("inf"), dtype=honest.dtype)
+
+
+class NaN(Attack):
+    """Every coordinate NaN."""
+
+    def vector(self, honest, f, rng):
+        return torch.full((honest.shape[1],), float("nan"), dtype=honest.dtype)
+
+
+class Mimic(Attack):
+    """Mimic (Karimireddy, He & Jaggi, ICLR 2022): every attacker sends a copy of one honest row,
+    over-representing that node's data.
+
+    - ``heuristic=False`` (ByzFL): the honest row ``index`` (rows in node-id order).
+    - ``heuristic=True`` (the paper; as in the MoNNA repository): for the first ``warmup`` rounds
+      track the honest mean mu and, by power iteration, the top principal direction z of the
+      honest rows; then copy the honest row maximising |<x_i - mu, z>|. mu, z and the round count
+      live in the explicit state.
+    """
+
+    def __init__(self, *, index: int = 0, heuristic: bool = False, warmup: int = 100) -> None:
+        if index < 0:
+            raise ConfigError(f"mimic: index={index} must be >= 0")
+        self.index = int(index)
+        self.heuristic = bool(heuristic)
+        self.warmup = int(warmup)
+
+    def __call__(self, honest, f, *, info=None, rng=None, state=None, defence=None):
+        state = {} if state is None else dict(state)
+        h = honest.shape[0]
+        if f == 0 or h == 0:
+            return honest.new_zeros((f, honest.shape[1])), state
+        if not self.heuristic:
+            return _rows(honest[min(self.index, h - 1)], f), state
+        t = int(state.get("t", 0))
+        mu = state.get("mu")
+        z = state.get("z")
+        if mu is None:
+            mu = torch.zeros(honest.shape[1], dtype=honest.dtype)
+            z = torch.randn(honest.shape[1], generator=rng, dtype=honest.dtype)
+            z = z / z.norm()
+        if t < self.warmup:
+            mu = (t + 1) / (t + 2) * mu + honest.mean(dim=0) / (t + 2)
+            centred = honest - mu
+            proj = centred @ z
+            norms = torch.linalg.vector_norm(centred, dim=1).clamp(min=1e-30)
+            z = (t + 1) / (t + 2) * z + ((proj / norms)[:, None] * centred).sum(dim=0) / (t + 2)
+            z = z / z.norm().clamp(min=1e-30)
+            state = {"t": t + 1, "mu": mu, "z": z}
+        target = int(torch.argmax(((honest - mu) @ z).abs()))
+        return _rows(honest[target], f), state
+
+
+def line_maximize(
+    objective: Callable[[float], float],
+    *,
+    start: float = 0.0,
+    delta: float = 10.0,
+    budget: int = 20,
+    ratio: float = 0.8,
+    below: bool = False,
+) -> float:
+    """ByzFL's ``line_maximize``: from ``start``, expand (x + delta, doubling delta while the
+    objective improves), then contract (try x + delta, delta *= ratio after each try) until
+    ``budget`` evaluations. ``below=True`` also tries x - delta, not below 0, as the MoNNA
+    repository does."""
+    best_x, best = start, objective(start)
+    evals = 1
+    while evals < budget:
+        x = best_x + delta
+        value = objective(x)
+        evals += 1
+        if value > best:
+            best_x, best = x, value
+            delta *= 2.0
+        else:
+            delta *= ratio
+            break
+    while evals < budget:
+        for x in (best_x + delta, best_x - delta) if below else (best_x + delta,):
+            if evals >= budget or x < 0:
+                continue
+            value = objective(x)
+            evals += 1
+            if value > best:
+                best_x, best = x, value
+        delta *= ratio
+    return best_x
+
+
+class _Optimal(Attack):
+    """Shared line search: choose the strength tau maximising ||defence(H + f x b(tau)) - mean(H)||
+    (Byzantine rows appended after the honest ones; the defences are permutation invariant up to
+    tie-breaking)."""
+
+    needs_defence = True
+
+    def __init__(self, *, delta: float = 10.0, budget: int = 20, ratio: float = 0.8, below: bool = False) -> None:
+        if budget < 1:
+            raise ConfigError(f"optimal attack: budget={budget} must be >= 1")
+        self.delta = float(delta)
+        self.budget = int(budget)
+        self.ratio = float(ratio)
+        self.below = bool(below)
+
+    def direction(self, honest: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, honest, f, *, info=None, rng=None, state=None, defence=None):
+        state = {} if state is None else state
+        if f == 0 or honest.shape[0] == 0:
+            return honest.new_zeros((f, honest.shape[1])), state
+        if defence is None:
+            raise ConfigError(f"{type(self).__name__} needs the defence it attacks; this strategy exposes none")
+        base, step = self.direction(honest, f)
+        mean = honest_stats(honest)[0]
+
+        def objective(tau: float) -> float:
+            U = torch.cat([honest, _rows(base + tau * step, f)])
+            gap = float(torch.linalg.vector_norm(defence(U) - mean))
+            return gap if np.isfinite(gap) else -1.0
+
+        tau = line_maximize(objective, delta=self.delta, budget=self.budget, ratio=self.ratio, below=self.below)
+        state = {**state, "tau": tau}
+        return _rows(base + tau * step, f), state
+
+
+class OptimalALIE(_Optimal):
+    """ALIE with its strength line-searched against the defence (ByzFL ``Optimal_ALIE``; the
+    MoNNA repository's "little" attack): b = mean + tau * std."""
+
+    def direction(self, honest, f):
+        mean, std = honest_stats(honest)
+        return mean, std
+
+
+class OptimalIPM(_Optimal):
+    """IPM with its strength line-searched against the defence (ByzFL ``Optimal_IPM``; the MoNNA
+    repository's "empire" attack, b = (1 - tau) mean): b = mean - tau * mean."""
+
+    def direction(self, honest, f):
+        mean = honest_stats(honest)[0]
+        return mean, -mean
+
+
+class LabelFlip:
+    """Data poisoning inside the node: a ``fraction`` of the node's training labels, chosen once
+    per node from the stream (seed, "poison", node_id), are replaced before training.
+
+    - ``mapping="reverse"``: y' = (C - 1) - y (ByzFL ``LabelFlipping``; the MoNNA repository's LF).
+    - ``mapping="targeted"``: labels ``source`` become ``target``; other labels are untouched.
+
+    Whole Byzantine nodes use ``fraction=1``. The poisoned labels are fixed for the run.
+    """
+
+    kind = "data"
+    needs_defence = False
+
+    def __init__(
+        self, *, fraction: float = 1.0, mapping: str = "reverse", source: int | None = None, target: int | None = None
+    ) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"label_flip: fraction={fraction} must be in [0, 1]")
+        if mapping not in ("reverse", "targeted"):
+            raise ConfigError(f"label_flip: mapping={mapping!r} must be 'reverse' or 'targeted'")
+        if mapping == "targeted" and (source is None or target is None):
+            raise ConfigError("label_flip: mapping=targeted needs source=<class> and target=<class>")
+        self.fraction = float(fraction)
+        self.mapping = mapping
+        self.source = source
+        self.target = target
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def poison(self, y: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+        """The poisoned copy of one node's labels ``y``."""
+        y = np.asarray(y)
+        out = y.copy()
+        if self.mapping == "targeted":
+            for c in (self.source, self.target):
+                if not 0 <= int(c) < num_classes:
+                    raise ConfigError(f"label_flip: class {c} is outside 0..{num_classes - 1}")
+            eligible = np.flatnonzero(y == self.source)
+        else:
+            eligible = np.arange(len(y))
+        k = int(round(self.fraction * len(eligible)))
+        chosen = np.sort(rng.choice(eligible, size=k, replace=False)) if k < len(eligible) else eligible
+        if self.mapping == "targeted":
+            out[chosen] = self.target
+        else:
+            out[chosen] = num_classes - 1 - y[chosen]
+        return out
+
+    def __repr__(self) -> str:
+        return f"LabelFlip(fraction={self.fraction}, mapping={self.mapping})"

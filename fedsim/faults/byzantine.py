@@ -1,0 +1,133 @@
+"""Which nodes are Byzantine, and how their rows enter a round.
+
+``byzantine.num`` nodes (ids drawn once from the stream (seed, "byzantine"), fixed for the run)
+are faulty; ``byzantine.declared`` is what the defence assumes (ByzFL's ``declared_nb_byz``). With
+``attack=none`` faulty nodes are silent (crash faults: they send nothing). With an update attack
+they do no training and the attack writes their rows from the round's honest rows; with a data
+attack (label flip) they train on poisoned labels like any node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.data.base import FederatedData
+from fedsim.errors import ConfigError
+from fedsim.seeding import np_rng, torch_rng
+from fedsim.types import RoundInfo, UpdateBatch
+
+
+@dataclass(frozen=True)
+class Byzantine:
+    ids: frozenset[int] = frozenset()
+    declared: int = 0
+    attack: Any = None
+
+    @property
+    def num(self) -> int:
+        return len(self.ids)
+
+    @property
+    def is_update_attack(self) -> bool:
+        return self.attack is not None and getattr(self.attack, "kind", "update") == "update"
+
+    @property
+    def is_data_attack(self) -> bool:
+        return self.attack is not None and getattr(self.attack, "kind", "update") == "data"
+
+    def trains(self, node_id: int) -> bool:
+        """Whether ``node_id`` runs its client update this round."""
+        return node_id not in self.ids or self.is_data_attack
+
+    @staticmethod
+    def draw(*, num_nodes: int, num: int, declared: int | None, attack: Any, seed: int) -> Byzantine:
+        if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= num_nodes:
+            raise ConfigError(f"byzantine.num={num!r} must be an integer in 0..num_nodes ({num_nodes})")
+        declared = num if declared is None else declared
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
+            raise ConfigError(f"byzantine.declared={declared!r} must be an integer >= 0 (or null: = byzantine.num)")
+        if attack is not None and num == 0:
+            raise ConfigError(f"attack={type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
+        if num == num_nodes and attack is not None and getattr(attack, "kind", "update") == "update":
+            raise ConfigError("every node is Byzantine, so an update attack has no honest rows; lower byzantine.num")
+        ids = np_rng(seed, "byzantine").choice(num_nodes, size=num, replace=False) if num else []
+        return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
+
+    def poison(self, data: FederatedData, seed: int) -> FederatedData:
+        """For a data attack: the same data with each Byzantine node's labels poisoned. Labels are
+        rewritten in a copy of the train labels, so a poisoned example must belong to that node
+        alone (true of every partitioner that deals out disjoint index sets)."""
+        if not self.is_data_attack or not self.ids:
+            return data
+        y = data.dataset.y_train.copy()
+        owner = np.full(len(y), -1, dtype=np.int64)
+        for nid, ix in enumerate(data.partition.train):
+            ix = np.asarray(ix, dtype=np.int64)
+            if nid in self.ids and ((owner[ix] != -1).any() or len(np.unique(ix)) != len(ix)):
+                raise ConfigError("label poisoning needs a partition whose nodes hold disjoint examples")
+            owner[ix] = nid
+        for nid in sorted(self.ids):
+            ix = np.asarray(data.partition.train[nid], dtype=np.int64)
+            if (owner[ix] != nid).any():
+                raise ConfigError("label poisoning needs a partition whose nodes hold disjoint examples")
+            y[ix] = self.attack.poison(y[ix], data.dataset.num_classes, np_rng(seed, "poison", nid))
+        return FederatedData(replace(data.dataset, y_train=y), data.partition)
+
+
+@dataclass
+class Injection:
+    """What happened to one round's batch: how many Byzantine rows went in, the attack's state
+    and its chosen strength (optimal attacks)."""
+
+    batch: UpdateBatch
+    num_byzantine: int
+    attack_state: dict[str, Any] = field(default_factory=dict)
+
+
+def inject(
+    batch: UpdateBatch,
+    byz_ids: list[int],
+    *,
+    byzantine: Byzantine,
+    info: RoundInfo,
+    state: dict[str, Any],
+    defence: Any,
+    sizes: np.ndarray,
+) -> Injection:
+    """Append the update attack's rows for ``byz_ids`` to the honest ``batch`` and shuffle all rows
+    with the stream (seed, "shuffle", round), so no rule can find Byzantine rows by position.
+    Data attacks and silent nodes leave the batch as it is (apart from the shuffle)."""
+    f = len(byz_ids) if byzantine.is_update_attack else 0
+    new_state = state
+    if f:
+        rows, new_state = byzantine.attack(
+            batch.messages, f, info=info, rng=torch_rng(info.seed, "attack", info.round), state=state, defence=defence
+        )
+        rows = rows.to(batch.messages.dtype)
+        if rows.shape != (f, batch.messages.shape[1]):
+            raise ConfigError(f"attack returned shape {tuple(rows.shape)}, expected {(f, batch.messages.shape[1])}")
+        d = batch.messages.shape[1]
+        ids = torch.tensor(byz_ids, dtype=torch.int64)
+        batch = UpdateBatch(
+            node_ids=torch.cat([batch.node_ids, ids]),
+            messages=torch.cat([batch.messages, rows]),
+            num_examples=torch.cat([batch.num_examples, torch.as_tensor(sizes[byz_ids], dtype=torch.int64)]),
+            base_version=torch.cat([batch.base_version, torch.full((f,), info.version, dtype=torch.int64)]),
+            bytes_up=torch.cat([batch.bytes_up, torch.full((f,), d * rows.element_size(), dtype=torch.int64)]),
+            metrics={k: torch.cat([v, torch.full((f,), float("nan"), dtype=v.dtype)]) for k, v in batch.metrics.items()},
+        )
+    if byzantine.num:
+        perm = torch.from_numpy(np_rng(info.seed, "shuffle", info.round).permutation(len(batch)))
+        batch = UpdateBatch(
+            node_ids=batch.node_ids[perm],
+            messages=batch.messages.index_select(0, perm),
+            num_examples=batch.num_examples[perm],
+            base_version=batch.base_version[perm],
+            bytes_up=batch.bytes_up[perm],
+            metrics={k: v[perm] for k, v in batch.metrics.items()},
+        )
+    return Injection(batch, f, new_state)

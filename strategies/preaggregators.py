@@ -1,0 +1,178 @@
+"""Pre-aggregators: ``(U, weights, *, rng) -> (U', weights')``, chained before any aggregator.
+
+A chain is a list, applied left to right; ``build_chain`` accepts names (``"nnm"``), dicts with a
+``name`` and options (``{name: clipping, c: 5}``), Hydra ``_target_`` dicts or ready objects, so
+``'strategy.preaggregators=[clipping,nnm]'`` works from the command line. Semantics follow ByzFL
+(byzfl/aggregators/preaggregators.py) as summarised in shared/specs/robust_aggregation.md.
+Pre-aggregators never mutate their inputs; outputs carry uniform weights (robust rules are
+unweighted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from fedsim.errors import ConfigError
+from strategies.aggregators import _check_matrix, _clip_rows, _need_f, _need_majority, pairwise_sq_distances
+
+
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float64)
+
+
+def mix(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``M @ U`` for a row-stochastic (m, n) ``M`` that is safe with non-finite rows of U: a
+    zero weight on an Inf row contributes nothing (a plain matmul would give 0 * inf = NaN)."""
+    finite = torch.isfinite(U).all(dim=1)
+    Mf = M.to(U.dtype)
+    if bool(finite.all()):
+        return Mf @ U
+    fi = finite.nonzero().flatten()
+    out = Mf.index_select(1, fi) @ U.index_select(0, fi)
+    for j in (~finite).nonzero().flatten().tolist():
+        rows = (Mf[:, j] != 0).nonzero().flatten()
+        if rows.numel():
+            out[rows] += Mf[rows, j : j + 1] * U[j]
+    return out
+
+
+class NNM:
+    """Nearest Neighbour Mixing (Allouah et al., AISTATS 2023, "Fixing by Mixing"): replace each
+    x_i by the mean of its n - f nearest rows in l2 (itself included, at distance 0; ties broken by
+    lower index). Distances via the Gram matrix; the mixing is one (n, n) x (n, d) product."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("nnm", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("nnm", n, self.f, factor=1)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
+        _check_matrix(U)
+        n = U.shape[0]
+        k = n - self.f
+        if k <= 0:
+            raise ConfigError(f"nnm needs f < n, but f={self.f} and n={n}; lower byzantine.declared")
+        D = pairwise_sq_distances(U)
+        # Stable sort per row: ties go to the lower index; the row itself (distance 0) comes first.
+        D.fill_diagonal_(-1.0)
+        nearest = torch.sort(D, dim=1, stable=True).indices[:, :k]
+        M = torch.zeros(n, n, dtype=torch.float64)
+        M.scatter_(1, nearest, 1.0 / k)
+        return mix(U, M), _ones(n)
+
+
+class Bucketing:
+    """Bucketing (Karimireddy, He & Jaggi, ICLR 2022): randomly permute the rows (the generator
+    passed in, seeded per round), average consecutive groups of s; a last partial bucket is its
+    own mean. Outputs ceil(n / s) rows."""
+
+    def __init__(self, *, s: int = 2) -> None:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ConfigError(f"bucketing: s={s!r} must be an integer >= 1")
+        self.s = s
+
+    def check(self, n: int) -> None:
+        pass
+
+    def out_rows(self, n: int) -> int:
+        return -(-n // self.s)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
+        _check_matrix(U)
+        n = U.shape[0]
+        perm = torch.randperm(n, generator=rng)
+        b = -(-n // self.s)
+        M = torch.zeros(b, n, dtype=torch.float64)
+        for i in range(b):
+            members = perm[i * self.s : (i + 1) * self.s]
+            M[i, members] = 1.0 / members.numel()
+        return mix(U, M), _ones(b)
+
+
+class Clipping:
+    """Static clipping: x_i <- x_i min(1, c / ||x_i||); ByzFL default c = 2. A NaN/Inf row has no
+    direction and becomes 0 (it can no longer poison a mean)."""
+
+    def __init__(self, *, c: float = 2.0) -> None:
+        if c <= 0:
+            raise ConfigError(f"clipping: c={c} must be > 0")
+        self.c = float(c)
+
+    def check(self, n: int) -> None:
+        pass
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
+        _check_matrix(U)
+        return _clip_rows(U, self.c), _ones(U.shape[0])
+
+
+class ARC:
+    """Adaptive Robust Clipping (Allouah et al., 2024; ByzFL ``ARC``): clip the
+    k = floor(2 (f/n) (n - f)) rows of largest norm to the norm of the (n - k)-th smallest row
+    (the largest unclipped norm). Non-finite rows count as largest and become 0."""
+
+    def __init__(self, *, f: int = 0) -> None:
+        self.f = _need_f("arc", f)
+
+    def check(self, n: int) -> None:
+        _need_majority("arc", n, self.f, factor=1)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
+        _check_matrix(U)
+        n = U.shape[0]
+        k = int(2 * (self.f / n) * (n - self.f))
+        if k == 0:
+            return U.clone(), _ones(n)
+        norms = torch.linalg.vector_norm(U, dim=1).nan_to_num(nan=float("inf"))
+        order = torch.sort(norms, stable=True).indices
+        threshold = float(norms[order[n - k - 1]]) if n - k - 1 >= 0 else 0.0
+        out = U.clone()
+        big = order[n - k :]
+        out[big] = _clip_rows(U.index_select(0, big), threshold)
+        return out, _ones(n)
+
+
+PRE_AGGREGATORS: dict[str, type] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping, "arc": ARC}
+"""Short names accepted in ``strategy.preaggregators`` (the classes are also usable directly)."""
+
+_TAKES_F = (NNM, ARC)
+
+
+def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[Any]:
+    """Turn a YAML list (names, ``{name: ..., **options}``, ``{_target_: ...}``, objects) into
+    pre-aggregator objects; NNM and ARC get the declared ``f`` unless the entry sets its own."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    chain = []
+    for item in spec or ():
+        if isinstance(item, DictConfig):
+            item = OmegaConf.to_container(item, resolve=True)
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, Mapping):
+            opts = dict(item)
+            if "_target_" in opts:
+                chain.append(instantiate(opts))
+                continue
+            name = str(opts.pop("name", "")).lower()
+            if name not in PRE_AGGREGATORS:
+                raise ConfigError(
+                    f"unknown pre-aggregator {name!r}; choose from {', '.join(sorted(PRE_AGGREGATORS))}"
+                )
+            cls = PRE_AGGREGATORS[name]
+            if cls in _TAKES_F:
+                opts.setdefault("f", f)
+            try:
+                chain.append(cls(**opts))
+            except TypeError as exc:
+                raise ConfigError(f"bad options for pre-aggregator {name}: {exc}") from None
+        elif callable(item):
+            chain.append(item)
+        else:
+            raise ConfigError(f"pre-aggregator entry {item!r} is neither a name nor a config")
+    return chain
