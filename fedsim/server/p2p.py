@@ -32,7 +32,7 @@ from fedsim.faults.byzantine import Byzantine
 from fedsim.logging import Callback
 from fedsim.seeding import np_rng, torch_rng
 from fedsim.server.state import ServerState
-from fedsim.server.sync import _weighted_node_metrics, to_batch
+from fedsim.server.sync import _weighted_node_metrics, end_round, merge_node_states, run_summary, to_batch
 from fedsim.types import RoundInfo
 
 
@@ -131,10 +131,7 @@ class P2PServer:
             if not torch.isfinite(new).all():
                 bad = [ids[r] for r in range(h) if not torch.isfinite(new[r]).all()]
                 raise FedsimError(f"honest models became NaN or Inf in step {t} (nodes {bad[:5]}); lower the learning rate")
-            node_states = dict(state.node_states)
-            for nid, s in zip(result.node_ids, result.states):
-                if s is not None:
-                    node_states[nid] = s
+            node_states = merge_node_states(state.node_states, result)
             totals = dict(state.totals)
             d = int(X.shape[1])
             sent = h * (1 + k_others) + len(ids) * len(byz)
@@ -169,13 +166,5 @@ class P2PServer:
                     metrics.update(extra)
                     last_eval = {**last_eval, **extra}
                 metrics["time/eval_s"] = time.perf_counter() - t2
-            metrics["time/round_s"] = time.perf_counter() - t0
-            metrics["time/elapsed_s"] = time.perf_counter() - start
-            for cb in callbacks:
-                cb.on_round_end(t, metrics)
-        summary = {
-            "rounds": state.round,
-            **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
-            "time/elapsed_s": time.perf_counter() - start,
-        }
-        return state, summary
+            end_round(t, metrics, t0=t0, start=start, callbacks=callbacks)
+        return state, run_summary(state, last_eval, start, **{"comm/bytes_p2p_total": state.totals.get("bytes_p2p", 0)})

@@ -44,6 +44,33 @@ def _weighted_node_metrics(batch: UpdateBatch) -> dict[str, float]:
     return out
 
 
+def merge_node_states(old: dict[int, Any], result: RoundResult) -> dict[int, Any]:
+    """The per-node states after a round: the nodes that ran replace theirs."""
+    node_states = dict(old)
+    for nid, s in zip(result.node_ids, result.states):
+        if s is not None:
+            node_states[nid] = s
+    return node_states
+
+
+def end_round(t: int, metrics: dict[str, object], *, t0: float, start: float, callbacks: Sequence[Callback]) -> None:
+    """Stamp the round's timings and hand its metrics to every callback."""
+    metrics["time/round_s"] = time.perf_counter() - t0
+    metrics["time/elapsed_s"] = time.perf_counter() - start
+    for cb in callbacks:
+        cb.on_round_end(t, metrics)
+
+
+def run_summary(state: ServerState, last_eval: dict[str, object], start: float, **extra: object) -> dict[str, object]:
+    """The end-of-run summary: rounds, the last evaluation's scalars, totals passed in, wall time."""
+    return {
+        "rounds": state.round,
+        **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
+        **extra,
+        "time/elapsed_s": time.perf_counter() - start,
+    }
+
+
 @dataclass
 class SyncServer:
     rounds: int
@@ -110,10 +137,7 @@ class SyncServer:
             params, strategy_state, agg = strategy.step(state.params, batch, state.strategy_state, info)
             if not torch.isfinite(params).all():
                 raise FedsimError(f"server parameters became NaN or Inf in round {t}; lower the learning rates")
-            node_states = dict(state.node_states)
-            for nid, s in zip(result.node_ids, result.states):
-                if s is not None:
-                    node_states[nid] = s
+            node_states = merge_node_states(state.node_states, result)
             d = int(params.numel())
             totals = dict(state.totals)
             up = int(batch.bytes_up.sum())
@@ -140,15 +164,9 @@ class SyncServer:
                 last_eval = evaluator(params)
                 metrics.update(last_eval)
                 metrics["time/eval_s"] = time.perf_counter() - t1
-            metrics["time/round_s"] = time.perf_counter() - t0
-            metrics["time/elapsed_s"] = time.perf_counter() - start
-            for cb in callbacks:
-                cb.on_round_end(t, metrics)
-        summary = {
-            "rounds": state.round,
-            **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
-            "comm/bytes_up_total": state.totals.get("bytes_up", 0),
-            "comm/bytes_down_total": state.totals.get("bytes_down", 0),
-            "time/elapsed_s": time.perf_counter() - start,
-        }
+            end_round(t, metrics, t0=t0, start=start, callbacks=callbacks)
+        summary = run_summary(
+            state, last_eval, start,
+            **{"comm/bytes_up_total": state.totals.get("bytes_up", 0), "comm/bytes_down_total": state.totals.get("bytes_down", 0)},
+        )
         return state, summary
