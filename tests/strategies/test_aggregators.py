@@ -248,3 +248,11 @@ def test_strategy_check_reports_too_many_declared_faults():
     with pytest.raises(ConfigError, match="trimmed_mean needs 2f < n"):
         strat.check(10)  # bucketing of 10 rows by 2 leaves 5 rows
     FedAvg(client=LocalSGD(), aggregator=TrimmedMean(f=3)).check(10)
+
+
+def test_self_centred_clipping_centres_on_row_zero():
+    U = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.5]])
+    scc = CenteredClipping(tau=1.0, iters=1, center="own")
+    out, state = scc.aggregate(U, torch.ones(3, dtype=torch.float64), {})
+    # from row 0 = 0: clipped deltas (0, 0), (0.6, 0.8), (0, 0.5), averaged over the 3 rows
+    assert torch.allclose(out, torch.tensor([0.2, 1.3 / 3])) and state == {}
