@@ -113,6 +113,35 @@ def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2
     return model
 
 
+class RandomFourierSVM(nn.Module):
+    """A linear SVM head on random Fourier features of the RBF kernel exp(-gamma ||x - x'||^2)
+    (Rahimi & Recht 2007): phi(x) = sqrt(2/D) cos(W x + b), W ~ N(0, 2 gamma I), b ~ U[0, 2 pi),
+    then a linear layer to the class scores. The features are fixed by ``feature_seed`` (the same
+    on every node, not parameters, never trained or averaged), so nodes train and the server
+    averages only the head: the parameter-averageable FLORAL head of shared/specs/floral.md.
+    Train it with ``strategy.client.objective=hinge`` (multi-class SVM loss) and weight decay."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, *, features: int = 500, gamma: float = 0.5, feature_seed: int = 0
+    ) -> None:
+        super().__init__()
+        if features < 1 or gamma <= 0:
+            raise ConfigError("rff_svm: need features >= 1 and gamma > 0")
+        gen = torch.Generator().manual_seed(int(feature_seed))
+        dim = math.prod(input_shape)
+        # Plain tensor attributes: not parameters (untrained) and not buffers (not state).
+        self.omega = torch.randn(dim, features, generator=gen) * math.sqrt(2.0 * gamma)
+        self.phase = torch.rand(features, generator=gen) * (2.0 * math.pi)
+        self.scale = math.sqrt(2.0 / features)
+        self.head = nn.Linear(features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.cos(x.flatten(1) @ self.omega + self.phase)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 def build_model(factory: Callable[..., nn.Module], input_shape: Sequence[int], num_classes: int, *, seed: int) -> nn.Module:
     """Build a model with initial weights drawn from the stream (seed, "init"), leaving torch's
     global RNG as it was. Checks that it has no buffers and accepts the input shape."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
+from fedsim.seeding import torch_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
 
 
@@ -32,7 +33,10 @@ class LocalSGD:
         batch_size: int = 32,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        objective: str = "cross_entropy",
     ) -> None:
+        if objective not in ("cross_entropy", "hinge"):
+            raise ConfigError(f"client objective={objective!r} must be 'cross_entropy' or 'hinge' (multi-class SVM)")
         if lr <= 0:
             raise ConfigError(f"client lr={lr} must be > 0")
         if batch_size < 1:
@@ -49,6 +53,7 @@ class LocalSGD:
         self.batch_size = int(batch_size)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
+        self.objective = objective
 
     def work(self, num_examples: int) -> int:
         if num_examples == 0:
@@ -58,7 +63,13 @@ class LocalSGD:
         return self.epochs * num_examples
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, state: NodeState | None) -> torch.Tensor:
+        if self.objective == "hinge":
+            return F.multi_margin_loss(logits, y)
         return F.cross_entropy(logits, y)
+
+    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The labels the step trains on (the node's own by default; FLORAL attacks them)."""
+        return y
 
     def _batches(self, n: int, gen: torch.Generator):
         """Yield index tensors of minibatches for this round."""
@@ -84,6 +95,7 @@ class LocalSGD:
         if n == 0:
             return ClientResult(torch.zeros_like(start), state, {}, 0)
         gen = ctx.generator()
+        aux = torch_rng(ctx.seed, "client-aux", ctx.round, ctx.node_id)
         flat, grad, module = model.flat, model.flat_grad, model.module
         velocity = torch.zeros_like(flat) if self.momentum > 0 else None
         loss_sum = 0.0
@@ -94,7 +106,7 @@ class LocalSGD:
             yb = data.y.index_select(0, idx)
             grad.zero_()
             logits = module(xb)
-            loss = self.loss(logits, yb, state)
+            loss = self.loss(logits, self.targets(logits.detach(), yb, aux), state)
             loss.backward()
             with torch.no_grad():
                 if self.weight_decay:
@@ -192,3 +204,57 @@ class WorkerMomentum(LocalSGD):
             metrics = {"train/loss": float(loss), "train/acc": int((logits.argmax(1) == yb).sum()) / k}
         message = m.clone() if self.step_lr is None else m * self.lr_at(ctx.round)
         return ClientResult(message, {"momentum": m}, metrics, n)
+
+
+class FloralSGD(LocalSGD):
+    """FLORAL-style adversarial training for neural networks (the multi-class extrapolation of
+    shared/specs/floral.md, "Using it as a defence": **ours, not the paper's**). At every local step
+    the node plays the label-flipping attacker against itself before the SGD step:
+
+    1. score the batch by an influence proxy, the analogue of the SVM's dual weight:
+       ``influence="grad_norm"``: ||softmax(z) - onehot(y)||, the exact norm of the per-example loss
+       gradient with respect to the logits z; ``influence="margin"``: the negative margin
+       max_{c != y} z_c - z_y (points near or across the boundary count most);
+    2. keep the 2B most influential examples, B = round(budget * batch size);
+    3. flip B of them drawn uniformly (stream (seed, "client-aux", round, node)) to the strongest
+       wrong class (``flip="strongest"``) or to C - 1 - y (``flip="reverse"``);
+    4. take the step on the attacked batch.
+
+    Composes with any aggregator (it only changes the local objective). Train metrics are measured
+    against the node's own labels.
+    """
+
+    def __init__(self, *, budget: float = 0.1, influence: str = "grad_norm", flip: str = "strongest", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= budget <= 0.5:
+            raise ConfigError(f"floral budget={budget} must be in [0, 0.5] (a fraction of each batch)")
+        if influence not in ("grad_norm", "margin"):
+            raise ConfigError(f"floral influence={influence!r} must be 'grad_norm' or 'margin'")
+        if flip not in ("strongest", "reverse"):
+            raise ConfigError(f"floral flip={flip!r} must be 'strongest' or 'reverse'")
+        self.budget = float(budget)
+        self.influence = influence
+        self.flip = flip
+
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The influence proxy of each example (larger = more influential)."""
+        if self.influence == "grad_norm":
+            p = torch.softmax(logits, dim=1)
+            p[torch.arange(len(y)), y] -= 1.0
+            return torch.linalg.vector_norm(p, dim=1)
+        true = logits.gather(1, y[:, None])[:, 0]
+        other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+        return other - true
+
+    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        k = int(round(self.budget * len(y)))
+        if k == 0:
+            return y
+        top = torch.argsort(self.scores(logits, y), descending=True, stable=True)[: 2 * k]
+        chosen = top[torch.randperm(len(top), generator=gen)[:k]]
+        out = y.clone()
+        if self.flip == "reverse":
+            out[chosen] = logits.shape[1] - 1 - y[chosen]
+        else:
+            out[chosen] = logits[chosen].scatter(1, y[chosen, None], float("-inf")).argmax(dim=1)
+        return out

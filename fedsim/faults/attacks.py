@@ -303,15 +303,31 @@ class LabelFlip:
     - ``mapping="reverse"``: y' = (C - 1) - y (ByzFL ``LabelFlipping``; the MoNNA repository's LF).
     - ``mapping="targeted"``: labels ``source`` become ``target``; other labels are untouched.
 
-    Whole Byzantine nodes use ``fraction=1``. The poisoned labels are fixed for the run.
+    Which nodes: by default the Byzantine nodes (``byzantine.num`` of them, seeded); ``nodes="all"``
+    or a list of node ids poisons exactly those instead (``byzantine.num`` then stays 0, and the
+    defence's ``byzantine.declared`` is set on its own). Whole Byzantine nodes use ``fraction=1``;
+    label noise inside otherwise honest nodes uses a smaller fraction. The poisoned labels are
+    fixed for the run.
     """
 
     kind = "data"
     needs_defence = False
 
     def __init__(
-        self, *, fraction: float = 1.0, mapping: str = "reverse", source: int | None = None, target: int | None = None
+        self,
+        *,
+        fraction: float = 1.0,
+        mapping: str = "reverse",
+        source: int | None = None,
+        target: int | None = None,
+        nodes: str | list[int] | None = None,
     ) -> None:
+        if nodes is not None and nodes != "all":
+            ids = list(nodes) if not isinstance(nodes, (str, bytes)) and hasattr(nodes, "__iter__") else None
+            if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"label_flip: nodes={nodes!r} must be null (the Byzantine nodes), 'all' or a list of node ids")
+            nodes = ids
+        self.nodes = nodes
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"label_flip: fraction={fraction} must be in [0, 1]")
         if mapping not in ("reverse", "targeted"):

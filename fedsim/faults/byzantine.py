@@ -50,6 +50,15 @@ class Byzantine:
         declared = num if declared is None else declared
         if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
             raise ConfigError(f"byzantine.declared={declared!r} must be an integer >= 0 (or null: = byzantine.num)")
+        chosen = getattr(attack, "nodes", None)
+        if chosen is not None:  # a data attack at named nodes (or all), not at drawn Byzantine ones
+            if num:
+                raise ConfigError("attack.nodes names the poisoned nodes itself; leave byzantine.num=0")
+            ids = range(num_nodes) if chosen == "all" else chosen
+            bad = [i for i in ids if not 0 <= i < num_nodes]
+            if bad:
+                raise ConfigError(f"attack.nodes has ids {bad[:5]} outside 0..{num_nodes - 1}")
+            return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
         if attack is not None and num == 0:
             raise ConfigError(f"attack={type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
         if num == num_nodes and attack is not None and getattr(attack, "kind", "update") == "update":
