@@ -138,7 +138,12 @@ def _pm1(y: np.ndarray) -> np.ndarray:
 
 @dataclass
 class FloralResult:
+    """``model`` is the game's last iterate as the authors' code predicts with it (support-vector
+    labels = the last attacked labels); ``model_given`` is the same lambda with the given labels,
+    a diagnostic (not in the paper) that separates the dual weights from the last random flips."""
+
     model: KernelSVM
+    model_given: KernelSVM
     lam: np.ndarray
     flips: list[np.ndarray] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
@@ -184,4 +189,4 @@ def floral(
     y_last = y.copy()
     if rounds > 1:
         y_last[flips[-1]] *= -1.0
-    return FloralResult(_model(X, lam, y_last, K, C, gamma, tol), lam, flips, history)
+    return FloralResult(_model(X, lam, y_last, K, C, gamma, tol), _model(X, lam, y, K, C, gamma, tol), lam, flips, history)
