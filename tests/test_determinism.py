@@ -68,8 +68,9 @@ def run_params(*overrides: str) -> torch.Tensor:
          "strategy/aggregator=centered_clipping"],
         ["strategy=fedavg", "attack=label_flip", "byzantine.num=2", "strategy/aggregator=median"],
         ["strategy=monna", "server=p2p", "strategy.client.lr=0.1", "attack=ipm", "byzantine.num=2"],
+        ["strategy=floral", "attack=label_flip", "attack.nodes=all", "attack.fraction=0.3"],
     ],
-    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p"],
+    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned"],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
     local = run_params(*setup, "cluster=local")
