@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -99,7 +101,7 @@ def build(cfg: DictConfig) -> Simulation:
     model_factory = make(cfg.model)
     model = build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed)
     flat = FlatModel(model)
-    strategy = make(cfg.strategy)
+    strategy = make(cfg.feedback).wrap(make(cfg.strategy), make(cfg.compressor))
     participation = make(cfg.participation)
     server = make(cfg.server)
     p2p = bool(getattr(server, "peer_to_peer", False))
@@ -117,8 +119,16 @@ def build(cfg: DictConfig) -> Simulation:
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
-    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, strategy.init(params))
+    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(strategy, params, partition.sizes()))
     return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine)
+
+
+def init_strategy(strategy: Any, params: torch.Tensor, sizes: np.ndarray) -> dict[str, Any]:
+    """``strategy.init(params)``, passing the nodes' example counts to strategies that take them
+    (the error-feedback mirror weights nodes by them)."""
+    if "sizes" in inspect.signature(strategy.init).parameters:
+        return strategy.init(params, sizes=sizes)
+    return strategy.init(params)
 
 
 def set_driver_threads(n: int = 1) -> None:

@@ -59,6 +59,8 @@ class ClientResult:
     state: NodeState | None
     metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
+    nbytes: int | None = None
+    """Bytes the encoded message takes on the wire; None: the dense float32 vector (4 d)."""
 
 
 @dataclass

@@ -80,6 +80,23 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
                 rows, _ = attack(honest, 2, rng=torch.Generator().manual_seed(1),
                                  defence=lambda U: U.median(dim=0).values)
                 assert rows.shape == (2, 4)
+    elif group == "compressor":
+        comp = make(node)
+        v = torch.randn(200, generator=torch.Generator().manual_seed(0))
+        payload = comp.compress(v, torch.Generator().manual_seed(1), [150, 50])
+        out = comp.decompress(payload)
+        assert out.shape == v.shape and 0 < comp.nbytes(payload) <= 4 * 200
+        assert (out - v).norm() <= v.norm() * (1 + 1e-6)  # contractive on this draw
+    elif group == "feedback":
+        from strategies.compression import Compressed
+
+        fb = make(node)
+        strat = fb.wrap(make(cfg.strategy), make(compose("compressor=top_k").compressor))
+        assert isinstance(strat, Compressed) and strat.feedback is fb
+        state = strat.init(torch.zeros(5), sizes=[3] * 20)
+        assert ("h" in state) == fb.mirror
+        msg, nbytes, node = fb.node(torch.ones(5), {}, lambda v: strat.compressor.compress(v))
+        assert msg.shape == (5,) and nbytes > 0 and isinstance(node, dict)
     elif group == "participation":
         ids = make(node)(0, 20, 5, np_rng(0, "sample", 0))
         assert len(ids) == 5 and len(set(ids.tolist())) == 5

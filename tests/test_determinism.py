@@ -69,8 +69,10 @@ def run_params(*overrides: str) -> torch.Tensor:
         ["strategy=fedavg", "attack=label_flip", "byzantine.num=2", "strategy/aggregator=median"],
         ["strategy=monna", "server=p2p", "strategy.client.lr=0.1", "attack=ipm", "byzantine.num=2"],
         ["strategy=floral", "attack=label_flip", "attack.nodes=all", "attack.fraction=0.3"],
+        ["compressor=rand_k", "compressor.ratio=0.05", "feedback=econtrol", "strategy.client.steps=3"],
+        ["compressor=qsgd", "compressor.layerwise=true", "feedback=ef14", "strategy/aggregator=median"],
     ],
-    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned"],
+    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned", "randk-econtrol", "qsgd-ef14-median"],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
     local = run_params(*setup, "cluster=local")

@@ -48,6 +48,14 @@ class RoundResult:
     metrics: list[dict[str, float]]
     states: list[NodeState | None]
     busy_s: list[float] = field(default_factory=list)
+    bytes_up: list[int] | None = None
+    """Per-row uplink bytes (None: 4 d per row, the dense float32 message)."""
+
+    def row_bytes(self) -> list[int]:
+        if self.bytes_up is not None:
+            return list(self.bytes_up)
+        d = int(self.messages.shape[1]) if self.messages.dim() == 2 else 0
+        return [d * self.messages.element_size()] * len(self.node_ids)
 
     @staticmethod
     def merge(parts: Sequence[RoundResult]) -> RoundResult:
@@ -56,6 +64,8 @@ class RoundResult:
         )
         if not rows:
             raise ValueError("no node results to merge")
+        row_bytes = [part.row_bytes() for part in parts]
+        index = {id(part): j for j, part in enumerate(parts)}
         return RoundResult(
             node_ids=[nid for nid, _, _ in rows],
             messages=torch.stack([part.messages[i] for _, part, i in rows]),
@@ -63,6 +73,7 @@ class RoundResult:
             metrics=[part.metrics[i] for _, part, i in rows],
             states=[part.states[i] for _, part, i in rows],
             busy_s=[b for part in parts for b in part.busy_s],
+            bytes_up=[row_bytes[index[id(part)]][i] for _, part, i in rows],
         )
 
 
@@ -103,7 +114,7 @@ class NodeWorker:
         import time
 
         torch.set_num_threads(self.spec.threads)
-        messages, counts, metrics, states = [], [], [], []
+        messages, counts, metrics, states, nbytes = [], [], [], [], []
         t0 = time.perf_counter()
         for task in tasks:
             ctx = ClientContext(round_, task.node_id, self.spec.seed, self.spec.num_classes)
@@ -121,6 +132,7 @@ class NodeWorker:
             counts.append(int(result.num_examples))
             metrics.append(dict(result.metrics))
             states.append(result.state)
+            nbytes.append(int(result.nbytes) if result.nbytes is not None else result.message.numel() * result.message.element_size())
         return RoundResult(
             node_ids=[t.node_id for t in tasks],
             messages=torch.stack(messages) if messages else torch.zeros(0, self.model.dim),
@@ -128,6 +140,7 @@ class NodeWorker:
             metrics=metrics,
             states=states,
             busy_s=[time.perf_counter() - t0],
+            bytes_up=nbytes,
         )
 
 

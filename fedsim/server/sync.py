@@ -22,14 +22,14 @@ from fedsim.types import RoundInfo, UpdateBatch
 
 def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
     """The struct-of-arrays view of a round's node results (rows already sorted by node id)."""
-    k, d = result.messages.shape
+    k = len(result.node_ids)
     keys = sorted({key for m in result.metrics for key in m})
     return UpdateBatch(
         node_ids=torch.tensor(result.node_ids, dtype=torch.int64),
         messages=result.messages,
         num_examples=torch.tensor(result.num_examples, dtype=torch.int64),
         base_version=torch.full((k,), version, dtype=torch.int64),
-        bytes_up=torch.full((k,), d * result.messages.element_size(), dtype=torch.int64),
+        bytes_up=torch.tensor(result.row_bytes(), dtype=torch.int64).reshape(k),
         metrics={key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64) for key in keys},
     )
 
