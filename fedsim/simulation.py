@@ -103,6 +103,11 @@ def build(cfg: DictConfig) -> Simulation:
     flat = FlatModel(model)
     strategy = make(cfg.feedback).wrap(make(cfg.strategy), make(cfg.compressor))
     participation = make(cfg.participation)
+    if hasattr(participation, "bind"):
+        labels = data.dataset.y_train
+        counts = np.stack([np.bincount(labels[ix], minlength=dataset.num_classes) for ix in data.partition.train])
+        participation = participation.bind(num_nodes=int(cfg.num_nodes), seed=seed, label_counts=counts)
+    probs = participation.probabilities(int(cfg.num_nodes), int(cfg.nodes_per_round))
     server = make(cfg.server)
     p2p = bool(getattr(server, "peer_to_peer", False))
     if p2p != bool(getattr(strategy, "peer_to_peer", False)):
@@ -119,16 +124,17 @@ def build(cfg: DictConfig) -> Simulation:
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
-    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(strategy, params, partition.sizes()))
+    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(strategy, params, sizes=partition.sizes(), participation_probs=probs))
     return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine)
 
 
-def init_strategy(strategy: Any, params: torch.Tensor, sizes: np.ndarray) -> dict[str, Any]:
-    """``strategy.init(params)``, passing the nodes' example counts to strategies that take them
-    (the error-feedback mirror weights nodes by them)."""
-    if "sizes" in inspect.signature(strategy.init).parameters:
-        return strategy.init(params, sizes=sizes)
-    return strategy.init(params)
+def init_strategy(strategy: Any, params: torch.Tensor, **run_facts: Any) -> dict[str, Any]:
+    """``strategy.init(params)``, passing each fact of the run (``sizes``: examples per node;
+    ``participation_probs``: every node's long-run participation rate) that its signature names.
+    The error-feedback mirror weights nodes by their sizes; the known-probability oracle of
+    strategies.fedau reads the rates."""
+    accepted = inspect.signature(strategy.init).parameters
+    return strategy.init(params, **{k: v for k, v in run_facts.items() if k in accepted})
 
 
 def set_driver_threads(n: int = 1) -> None:

@@ -8,6 +8,7 @@ strategies side by side.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -44,7 +45,15 @@ class WandbLogger(Callback):
 
     def on_round_end(self, round_: int, metrics: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log(scalars(metrics))
+            import wandb
+
+            record: dict[str, Any] = dict(scalars(metrics))
+            for key, value in metrics.items():  # per-node lists (node accuracies, FedAU weights)
+                if isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
+                    finite = [x for x in value if math.isfinite(x)]
+                    if finite:
+                        record[key] = wandb.Histogram(finite)
+            self.run.log(record)
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:

@@ -132,9 +132,12 @@ class SyncServer:
                 attack_metrics = {"attack/byzantine_rows": injected.num_byzantine, "attack/byzantine_sampled": len(byz_ids)}
                 if "tau" in injected.attack_state:
                     attack_metrics["attack/tau"] = float(injected.attack_state["tau"])
-            if len(batch) == 0:
-                raise FedsimError(f"round {t} has no updates at all (every sampled node is silent); raise nodes_per_round")
-            params, strategy_state, agg = strategy.step(state.params, batch, state.strategy_state, info)
+            if len(batch) == 0 and not getattr(strategy, "accepts_empty", False):
+                # nobody took part (availability models) or every sampled node is silent: the
+                # model stays; strategies that count absences (FedAU) still see the round
+                params, strategy_state, agg = state.params, state.strategy_state, {}
+            else:
+                params, strategy_state, agg = strategy.step(state.params, batch, state.strategy_state, info)
             if not torch.isfinite(params).all():
                 raise FedsimError(f"server parameters became NaN or Inf in round {t}; lower the learning rates")
             node_states = merge_node_states(state.node_states, result)
@@ -153,6 +156,7 @@ class SyncServer:
                 **agg,
                 **attack_metrics,
                 "train/samples": samples,
+                "train/participants": len(ids),
                 "comm/bytes_up": up,
                 "comm/bytes_down": down,
                 "comm/bytes_up_total": totals["bytes_up"],

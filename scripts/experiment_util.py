@@ -1,0 +1,83 @@
+"""Shared plumbing of the experiment drivers in scripts/: compose a config, run a simulation
+recording its evaluation curve, and run a grid of runs in a process pool with resumable results
+(one JSON line per finished run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_recorded(overrides: list[str], keys: Iterable[str] = ("eval/acc",), every_round: Iterable[str] = ()):
+    """Build and run one simulation on this process (1 torch thread). Returns (sim, summary,
+    curve): curve has one dict per evaluated round with ``round`` (1-based) and ``keys``, plus
+    the running values of ``every_round`` keys (e.g. cumulative bytes) at that round."""
+    import torch
+
+    from fedsim.simulation import build, set_driver_threads
+
+    torch.set_num_threads(1)
+    set_driver_threads(1)
+    sim = build(compose_config(overrides))
+    curve: list[dict[str, Any]] = []
+    keys, every_round = tuple(keys), tuple(every_round)
+
+    class Keep:
+        def on_round_end(self, t: int, m: dict) -> None:
+            if "eval/acc" in m:
+                curve.append({"round": t + 1, **{k: m[k] for k in keys + every_round if k in m}})
+
+    try:
+        _, summary = sim.run([Keep()])
+    finally:
+        sim.close()
+    return sim, summary, curve
+
+
+def run_grid(runs: list[dict], work: Callable[[dict], dict], *, sink_path: Path, key: Callable[[dict], tuple],
+             jobs: int, describe: Callable[[dict], str]) -> list[dict]:
+    """Run every spec in ``runs`` not yet in ``sink_path`` (by ``key``), ``jobs`` at a time;
+    append each result as it finishes. Returns all results, old and new."""
+    results = [json.loads(x) for x in sink_path.read_text().splitlines()] if sink_path.exists() else []
+    done = {key(r) for r in results}
+    todo = [r for r in runs if key(r) not in done]
+    print(f"{len(todo)} runs to do ({len(results)} already in {sink_path}), {jobs} at a time", flush=True)
+    if not todo:
+        return results
+    with ProcessPoolExecutor(max_workers=jobs) as pool, sink_path.open("a") as sink:
+        futs = [pool.submit(work, spec) for spec in todo]
+        for fut in as_completed(futs):
+            r = fut.result()
+            results.append(r)
+            sink.write(json.dumps(r) + "\n")
+            sink.flush()
+            print(describe(r), flush=True)
+    return results
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a hint) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: pip install -e .[experiments] for the plots", file=sys.stderr)
+        return None
+    return plt

@@ -1,0 +1,181 @@
+"""FedAU and the baselines for unknown participation (shared/specs/fedau.md; S. Wang and M. Ji,
+*A Lightweight Method for Tackling Unknown Participation Statistics in Federated Averaging*,
+ICLR 2024, arXiv 2306.03401; the rules below follow the authors' code, github.com/IBM/fedau,
+``main.py``).
+
+Objective: the *uniform* average (1/N) sum_n F_n. Participants run the client update (local SGD,
+no momentum) and send m_n = start - local = -Delta_n; the server applies
+x <- x - lr_g * direction (``server_opt``, SGD with lr = eta_g) with, by ``weighting``:
+
+- ``adaptive`` (FedAU): direction = (1/N) sum_{n in S_t} w_n m_n, w_n the online estimate of
+  1/p_n below, computed from the intervals recorded *before* round t; 1 until a node has a
+  recorded interval (the code's cold start). The divisor is N, not |S_t|.
+- ``average_participating``: (1/|S_t|) sum_{S_t} m_n (plain FedAvg; 0 when S_t is empty).
+- ``average_all``: (1/N) sum_{S_t} m_n.
+- ``known_prob`` (oracle): (1/N) sum_{S_t} m_n / p_n, with the participation model's true rates.
+- ``fedvarp`` (Jhunjhunwala et al. 2022): the server stores every node's last message y_n;
+  direction = (1/|S_t|) sum_{S_t} (m_n - y_n) + mean_n y_n (the mean from *before* this
+  round's refresh, as in the code), then y_n <- m_n for n in S_t; no step when S_t is empty.
+- ``mifa`` (Gu et al. 2021): y_n <- m_n for n in S_t, direction = mean over all N of y_n
+  (never-seen nodes count 0).
+
+FedVarp and MIFA hold N x d float32 on the server (``state["stored"]``): 4 N d bytes, e.g.
+250 nodes x 50,890 parameters = 51 MB, 10,000 nodes x 100,000 = 4 GB. FedAU holds three numbers
+per node.
+
+The estimator (FedAU, Algorithm 1 of the paper; kept for every weighting so that its weights can
+be logged and compared): per node a counter c_n of rounds since the last participation, and the
+running mean w_n of M_n recorded intervals. A participant records the interval c_n + 1 and resets
+c_n; an absent node increments c_n, and when c_n reaches the cutoff K records K and resets.
+``cutoff=None`` is K = infinity.
+
+Metrics: ``fedau/weight_mean`` (mean weight applied to this round's participants),
+``fedau/estimate_mean``/``_min``/``_max`` over nodes with a recorded interval, and, every
+``log_weights_every`` rounds, ``fedau/estimates`` (the list of all N current estimates, NaN
+where none is recorded yet). When the run's participation model exposes its true rates, also
+``fedau/estimate_rel_err``: the median over nodes of |w_n p_n - 1| (the rates are *not* used by
+the weighting, only by this diagnostic and by ``known_prob``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.errors import ConfigError
+from fedsim.types import RoundInfo, UpdateBatch
+from strategies.protocols import ClientUpdate, ServerOptimizer
+from strategies.server_opt import ServerSGD
+
+WEIGHTINGS = ("adaptive", "average_participating", "average_all", "known_prob", "fedvarp", "mifa")
+
+
+def estimator_update(c: np.ndarray, M: np.ndarray, w: np.ndarray, participated: np.ndarray,
+                     cutoff: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One round of FedAU's interval estimator for all N nodes (pure: returns new arrays).
+
+    Returns (weights used this round by each node, c, M, w): the weight is the mean of the
+    intervals recorded before this round (1 for a node with none)."""
+    c, M, w = c.copy(), M.copy(), w.copy()
+    used = np.where(M > 0, w, 1.0)
+    record = np.zeros_like(participated)
+    length = np.zeros(len(c), dtype=np.float64)
+    # participants: record c + 1, reset
+    record |= participated
+    length[participated] = c[participated] + 1
+    c[participated] = 0
+    # absent nodes: count; at the cutoff record K and reset
+    absent = ~participated
+    c[absent] += 1
+    if cutoff is not None:
+        hit = absent & (c >= cutoff)
+        record |= hit
+        length[hit] = c[hit]
+        c[hit] = 0
+    w[record] = (M[record] * w[record] + length[record]) / (M[record] + 1)
+    M[record] += 1
+    return used, c, M, w
+
+
+class FedAU:
+    """FedAvg with one of the participation weightings above (``weighting``, default FedAU's
+    ``adaptive``), a client update and an SGD server optimiser with lr eta_g."""
+
+    accepts_empty = True
+
+    def __init__(
+        self,
+        *,
+        client: ClientUpdate,
+        weighting: str = "adaptive",
+        cutoff: int | None = None,
+        server_opt: ServerOptimizer | None = None,
+        log_weights_every: int = 50,
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"strategy.weighting={weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+        if cutoff is not None and int(cutoff) < 1:
+            raise ConfigError(f"strategy.cutoff={cutoff} must be >= 1, or null for no cutoff")
+        self.client = client
+        self.weighting = weighting
+        self.cutoff = None if cutoff is None else int(cutoff)
+        self.server_opt = server_opt if server_opt is not None else ServerSGD()
+        self.log_weights_every = int(log_weights_every)
+
+    def init(self, params: torch.Tensor, *, sizes: np.ndarray, participation_probs: np.ndarray | None = None) -> dict[str, Any]:
+        n = len(sizes)
+        if self.weighting == "known_prob" and participation_probs is None:
+            raise ConfigError("strategy weighting=known_prob needs a participation model with known rates")
+        state: dict[str, Any] = {
+            "server_opt": self.server_opt.init(params),
+            "count": np.zeros(n, dtype=np.int64),
+            "intervals": np.zeros(n, dtype=np.int64),
+            "estimate": np.zeros(n, dtype=np.float64),
+            "probs": None if participation_probs is None else np.asarray(participation_probs, dtype=np.float64),
+        }
+        if self.weighting in ("fedvarp", "mifa"):
+            state["stored"] = torch.zeros(n, params.numel(), dtype=params.dtype)
+        return state
+
+    def direction(self, U: torch.Tensor, ids: torch.Tensor, used: np.ndarray, state: dict[str, Any], N: int
+                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """The aggregated message (None: no step this round) and the new stored updates."""
+        k = U.shape[0]
+        if self.weighting in ("fedvarp", "mifa"):
+            stored = state["stored"].clone()
+            before = stored.mean(0)
+            if self.weighting == "fedvarp":
+                if k == 0:
+                    return None, {"stored": stored}
+                out = (U - stored.index_select(0, ids)).mean(0) + before
+                stored[ids] = U
+                return out, {"stored": stored}
+            stored[ids] = U
+            return stored.mean(0), {"stored": stored}
+        if k == 0:
+            return (None if self.weighting == "average_participating" else torch.zeros(U.shape[1], dtype=U.dtype)), {}
+        if self.weighting == "average_participating":
+            return U.mean(0), {}
+        if self.weighting == "average_all":
+            return U.sum(0) / N, {}
+        if self.weighting == "known_prob":
+            p = torch.from_numpy(state["probs"][ids.numpy()]).to(U.dtype)
+            return (U / p[:, None]).sum(0) / N, {}
+        w = torch.from_numpy(used[ids.numpy()]).to(U.dtype)
+        return (w @ U) / N, {}
+
+    def step(
+        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
+    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
+        N = len(state["count"])
+        ids = batch.node_ids
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("FedAU needs at most one message per node and round")
+        participated = np.zeros(N, dtype=bool)
+        participated[ids.numpy()] = True
+        used, c, M, w = estimator_update(state["count"], state["intervals"], state["estimate"], participated, self.cutoff)
+        U = batch.messages if len(batch) else torch.zeros(0, params.numel(), dtype=params.dtype)
+        direction, extra = self.direction(U, ids, used, state, N)
+        opt_state = state["server_opt"]
+        new_params = params
+        if direction is not None:
+            new_params, opt_state = self.server_opt.step(params, direction, opt_state)
+        new_state = {**state, **extra, "server_opt": opt_state, "count": c, "intervals": M, "estimate": w}
+        return new_params, new_state, self.metrics(info, used[participated], M, w, state["probs"], direction)
+
+    def metrics(self, info: RoundInfo, used: np.ndarray, M: np.ndarray, w: np.ndarray, probs: np.ndarray | None,
+                direction: torch.Tensor | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"agg/direction_norm": 0.0 if direction is None else float(direction.norm())}
+        if len(used):
+            out["fedau/weight_mean"] = float(used.mean())
+        seen = M > 0
+        if seen.any():
+            out.update({"fedau/estimate_mean": float(w[seen].mean()), "fedau/estimate_min": float(w[seen].min()),
+                        "fedau/estimate_max": float(w[seen].max())})
+            if probs is not None:
+                out["fedau/estimate_rel_err"] = float(np.median(np.abs(w[seen] * probs[seen] - 1.0)))
+        if self.log_weights_every > 0 and (info.round + 1) % self.log_weights_every == 0:
+            out["fedau/estimates"] = [float(x) if m > 0 else float("nan") for x, m in zip(w, M)]
+        return out
