@@ -13,7 +13,7 @@ from fedsim.execution.worker import NodeTask, WorkerSpec
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.seeding import np_rng
-from fedsim.simulation import make
+from fedsim.simulation import init_strategy, make
 from tests.conftest import CONF, compose
 from tests.data.test_sources import make_cifar_set, make_idx_set
 
@@ -66,7 +66,8 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
     elif group == "strategy":
         strat = make(node)
-        assert callable(strat.client) and strat.init(torch.zeros(3)) is not None
+        state = init_strategy(strat, torch.zeros(3), sizes=np.ones(20, dtype=np.int64), participation_probs=np.full(20, 0.5))
+        assert callable(strat.client) and state is not None
     elif group == "attack":
         if option == "none":
             assert not node.get("_target_")
@@ -98,8 +99,18 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         msg, nbytes, node = fb.node(torch.ones(5), {}, lambda v: strat.compressor.compress(v))
         assert msg.shape == (5,) and nbytes > 0 and isinstance(node, dict)
     elif group == "participation":
-        ids = make(node)(0, 20, 5, np_rng(0, "sample", 0))
-        assert len(ids) == 5 and len(set(ids.tolist())) == 5
+        model = make(node)
+        if hasattr(model, "bind"):
+            counts = np.random.default_rng(0).integers(0, 5, size=(20, 10))
+            model = model.bind(num_nodes=20, seed=0, label_counts=counts)
+        p = model.probabilities(20, 5)
+        assert p.shape == (20,) and ((p > 0) & (p <= 1)).all()
+        seen = np.zeros(20)
+        for t in range(200):
+            ids = model(t, 20, 5, np_rng(0, "sample", t))
+            assert len(set(ids.tolist())) == len(ids) and np.all(np.diff(ids) > 0)
+            seen[ids] += 1
+        assert abs(seen.sum() / 200 - p.sum()) < 0.35 * p.sum()  # about sum p_n nodes per round
     elif group == "server":
         server = make(node)
         assert server.rounds == cfg.rounds and server.num_nodes == cfg.num_nodes

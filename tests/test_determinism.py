@@ -71,8 +71,11 @@ def run_params(*overrides: str) -> torch.Tensor:
         ["strategy=floral", "attack=label_flip", "attack.nodes=all", "attack.fraction=0.3"],
         ["compressor=rand_k", "compressor.ratio=0.05", "feedback=econtrol", "strategy.client.steps=3"],
         ["compressor=qsgd", "compressor.layerwise=true", "feedback=ef14", "strategy/aggregator=median"],
+        ["strategy=fedau", "participation=markov", "participation.p=0.4", "strategy.cutoff=5"],
+        ["strategy=fedvarp", "participation=cyclic", "participation.period=4", "participation.p=0.5"],
     ],
-    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned", "randk-econtrol", "qsgd-ef14-median"],
+    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned", "randk-econtrol", "qsgd-ef14-median",
+         "fedau-markov", "fedvarp-cyclic"],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
     local = run_params(*setup, "cluster=local")
