@@ -77,8 +77,8 @@ class Simulation:
             "partition_digest": self.data.partition.digest(),
             "node_sizes_min": int(sizes.min()),
             "node_sizes_max": int(sizes.max()),
-            "num_train": int(len(self.data.dataset.y_train)),
-            "num_test": int(len(self.data.dataset.y_test)),
+            "num_train": len(self.data.dataset.y_train),
+            "num_test": len(self.data.dataset.y_test),
             "byzantine_ids": sorted(self.byzantine.ids),
         }
 

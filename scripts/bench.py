@@ -65,7 +65,7 @@ class Timer:
         self.ends: list[float] = []
         self.samples: list[int] = []
 
-    def on_run_start(self, meta) -> None:  # noqa: ANN001
+    def on_run_start(self, meta) -> None:
         pass
 
     def on_round_end(self, round_: int, metrics: dict) -> None:
@@ -76,7 +76,7 @@ class Timer:
         pass
 
 
-def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: str, barrier, queue) -> None:  # noqa: ANN001
+def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: str, barrier, queue) -> None:
     """One bare process over its share of node-rounds. ``loop="torch"``: a plain PyTorch loop
     (torch.optim.SGD); ``loop="fedsim"``: fedsim's own LocalSGD inner loop called directly, with
     no worker, executor, Ray or server around it (isolates the simulator's overhead)."""
@@ -141,7 +141,7 @@ def main() -> None:
     if args.rounds <= args.warmup:
         ap.error("--rounds must exceed --warmup")
 
-    from fedsim.execution.worker import assign_lpt, NodeTask
+    from fedsim.execution.worker import NodeTask, assign_lpt
     from fedsim.seeding import np_rng
     from fedsim.simulation import build, set_driver_threads
 

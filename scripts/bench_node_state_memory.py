@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment_util import compose_config  # noqa: E402
+from experiment_util import compose_config
 
 
 def rss_gb() -> float:

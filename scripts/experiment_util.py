@@ -81,3 +81,28 @@ def pyplot():
         print("matplotlib is not installed: pip install -e .[experiments] for the plots", file=sys.stderr)
         return None
     return plt
+
+
+def experiment_parser(doc: str, out: Path, rounds: int):
+    """The command line every federated experiment driver shares."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--root", default=None, help="folder with Fashion-MNIST's IDX files")
+    ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--plot-only", action="store_true", help="only rebuild the table and plots from results.jsonl")
+    return ap
+
+
+def report(results: list[dict], out: Path, summarise: Callable[[list[dict]], str],
+           plot: Callable[[list[dict], Path], list[Path]]) -> None:
+    """Write and print the markdown table, then the plots."""
+    text = summarise(results)
+    (out / "table.md").write_text(text)
+    print(text)
+    for p in plot(results, out):
+        print(f"wrote {p}")

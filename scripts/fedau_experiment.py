@@ -15,8 +15,6 @@ FedVarp and MIFA (0.0562, 1). 3 seeds; the seed sets the partition, the rates an
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment_util import ROOT, pyplot, run_grid, run_recorded  # noqa: E402
+from experiment_util import ROOT, experiment_parser, pyplot, report, run_grid, run_recorded
 
 PATTERNS = {
     "bernoulli": ["participation=bernoulli"],
@@ -147,24 +145,12 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "fedau")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--rounds", type=int, default=400)
-    ap.add_argument("--root", default=None, help="folder with Fashion-MNIST's IDX files")
-    ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-    ap.add_argument("--plot-only", action="store_true")
-    args = ap.parse_args()
+    args = experiment_parser(__doc__, ROOT / "results" / "fedau", 400).parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_grid([] if args.plot_only else grid(args), work, sink_path=args.out / "results.jsonl", key=key,
                        jobs=args.jobs, describe=lambda r: f"{r['pattern']:12} {r['method']:22} seed {r['seed']}: "
                                                           f"acc {r['test_acc_last']:.4f} ({r['seconds']:.0f}s)")
-    results = [r for r in results if r["rounds"] == args.rounds]
-    text = summarise(results)
-    (args.out / "table.md").write_text(text)
-    print(text)
-    for p in plot(results, args.out):
-        print(f"wrote {p}")
+    report([r for r in results if r["rounds"] == args.rounds], args.out, summarise, plot)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def run_moons(spec: dict) -> dict:
     X, y, Xv, yv, Xt, yt = moons_data(seed)
     rng = np.random.default_rng([seed, 7])
     yp = poison(X, y, spec["rate"], spec["poison"], rng)
-    ypm = lambda v: np.where(v > 0, 1, -1)  # noqa: E731
+    ypm = lambda v: np.where(v > 0, 1, -1)
     if spec["method"] == "FLORAL":
         model = floral(X, yp, rng=np.random.default_rng([seed, 42])).model
     elif spec["method"] == "FLORAL, given labels at prediction":

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from fedsim.errors import ConfigError
-from strategies.aggregators import _check_matrix, _clip_rows, finite_rows, _need_f, _need_majority, pairwise_sq_distances
+from strategies.aggregators import (
+    _check_matrix,
+    _clip_rows,
+    _need_f,
+    _need_majority,
+    finite_rows,
+    pairwise_sq_distances,
+)
 
 
 def _ones(n: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_mimic_copies_an_honest_row_and_the_heuristic_finds_the_outlying_directi
 
 
 def test_line_maximize_follows_byzfl_and_the_two_sided_variant():
-    concave = lambda x: -((x - 7.0) ** 2)  # noqa: E731
+    concave = lambda x: -((x - 7.0) ** 2)
     assert line_maximize(concave) == 10.0  # ByzFL only tries points above the best
     assert abs(line_maximize(concave, below=True) - 7.0) < 1.0
     calls = []

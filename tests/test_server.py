@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedsim.execution.local import LocalExecutor
 from fedsim.errors import FedsimError
+from fedsim.execution.local import LocalExecutor
 from fedsim.logging import Callback
 from fedsim.simulation import build, set_driver_threads
 from strategies.client import LocalSGD

@@ -159,7 +159,7 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
         looked = ", ".join(str(d) for d in dirs)
         raise ConfigError(
             f"{name}: IDX files ({_IDX_FILES['train_x']}[.gz] etc.) not found in {looked} ({failure})"
-            + f"; put them in one of these folders or set dataset.root=DIR"
+            + "; put them in one of these folders or set dataset.root=DIR"
             + ("" if download else " or dataset.download=true")
         )
     x_tr = read_idx(files["train_x"]).astype(np.float32)[:, None, :, :] / 255.0
@@ -188,7 +188,7 @@ def _torchvision_download(folder: str, root: Path, timeout: float = 30.0) -> str
     return ""
 
 
-def _locate_or_download(locate, download: bool, folder: str, root: Path):  # noqa: ANN001
+def _locate_or_download(locate, download: bool, folder: str, root: Path):
     """``locate()``; if nothing is found and ``download`` is on, download and look again.
     Returns (what locate found or None, why nothing was found)."""
     found = locate()

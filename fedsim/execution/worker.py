@@ -124,7 +124,7 @@ class NodeWorker:
             self.model.load(start)
             try:
                 result = self.spec.client_update(self.model, start, self.node_data(task.node_id), task.state, ctx)
-            except Exception as exc:  # noqa: BLE001 - reported with the node id, not swallowed
+            except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
             if not torch.isfinite(result.message).all():
                 raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")

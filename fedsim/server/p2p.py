@@ -32,7 +32,13 @@ from fedsim.faults.byzantine import Byzantine
 from fedsim.logging import Callback
 from fedsim.seeding import np_rng, torch_rng
 from fedsim.server.state import ServerState
-from fedsim.server.sync import _weighted_node_metrics, end_round, merge_node_states, run_summary, to_batch
+from fedsim.server.sync import (
+    _weighted_node_metrics,
+    end_round,
+    merge_node_states,
+    run_summary,
+    to_batch,
+)
 from fedsim.types import RoundInfo
 
 

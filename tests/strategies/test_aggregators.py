@@ -22,8 +22,8 @@ from strategies.aggregators import (
     TrimmedMean,
     pairwise_sq_distances,
 )
-from strategies.fedavg import FedAvg
 from strategies.client import LocalSGD
+from strategies.fedavg import FedAvg
 from strategies.monna import NNA
 from strategies.preaggregators import ARC, NNM, Bucketing, Clipping, build_chain
 from tests.conftest import CONF, compose

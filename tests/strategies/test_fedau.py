@@ -50,7 +50,7 @@ def test_cutoff_bounds_the_weight_by_k():
     state, largest = run_estimator(probs, rounds=3000, cutoff=10)
     assert largest <= 10.0 and state["estimate"].max() <= 10.0
     assert state["estimate"].min() > 5  # mostly truncated intervals of length K
-    free, largest_free = run_estimator(probs, rounds=3000, cutoff=None)
+    _, largest_free = run_estimator(probs, rounds=3000, cutoff=None)
     assert largest_free > 30
 
 
