@@ -56,7 +56,11 @@ def test_default_run_shows_progress(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["strategy=nope"], "Could not find 'strategy/nope'; available: fedavg"),
+        (["strategy=nope"], "Could not find 'strategy/nope'; available: avg_all, avg_participating, fedau"),
+        (["feedback=ef21", "strategy/aggregator=median"], "needs strategy/aggregator=mean"),
+        (["compressor=top_k", "compressor.ratio=2"], "compressor.ratio=2"),
+        (["participation=markov", "participation.transition=0"], "participation.transition=0"),
+        (["strategy=known_prob", "participation=uniform", "strategy.weighting=bogus"], "strategy.weighting='bogus'"),
         (["nosuchkey=1"], "there is no option 'nosuchkey'"),
         (["num_nodes=-3"], "num_nodes=-3 must be >= 1"),
         (["nodes_per_round=50", "num_nodes=10"], "nodes_per_round=50 exceeds num_nodes=10"),
