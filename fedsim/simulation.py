@@ -55,6 +55,7 @@ class Simulation:
     state: ServerState
     num_params: int
     byzantine: Byzantine = Byzantine()
+    latency: Any = None
 
     def run(self, callbacks: Sequence[Callback] = ()) -> tuple[ServerState, dict[str, object]]:
         self.state, summary = self.server.run(
@@ -66,6 +67,7 @@ class Simulation:
             callbacks=callbacks,
             byzantine=self.byzantine,
             sizes=self.data.partition.sizes(),
+            **({"latency": self.latency} if getattr(self.server, "uses_latency", False) else {}),
         )
         return self.state, summary
 
@@ -108,6 +110,7 @@ def build(cfg: DictConfig) -> Simulation:
         counts = np.stack([np.bincount(labels[ix], minlength=dataset.num_classes) for ix in data.partition.train])
         participation = participation.bind(num_nodes=int(cfg.num_nodes), seed=seed, label_counts=counts)
     probs = participation.probabilities(int(cfg.num_nodes), int(cfg.nodes_per_round))
+    latency = make(cfg.latency).bind(num_nodes=int(cfg.num_nodes), seed=seed, sizes=data.partition.sizes())
     server = make(cfg.server)
     p2p = bool(getattr(server, "peer_to_peer", False))
     if p2p != bool(getattr(strategy, "peer_to_peer", False)):
@@ -116,7 +119,13 @@ def build(cfg: DictConfig) -> Simulation:
         raise ConfigError("this strategy runs peer to peer; add server=p2p")
     check = getattr(strategy, "check", None)
     if check is not None:
-        rows = server.received(byzantine) if p2p else int(cfg.nodes_per_round)
+        if p2p:
+            rows = server.received(byzantine)
+        elif getattr(server, "uses_latency", False):  # asynchronous: the rows of one aggregation
+            in_flight = server.concurrency or int(cfg.num_nodes)
+            rows = int(strategy.buffer) if getattr(strategy, "trigger", None) == "buffer" else in_flight
+        else:
+            rows = int(cfg.nodes_per_round)
         check(rows)
     if attack is not None and getattr(attack, "needs_defence", False) and not (p2p or hasattr(strategy, "defence")):
         raise ConfigError(f"attack {type(attack).__name__} line-searches against the defence, which this strategy does not expose")
@@ -124,8 +133,11 @@ def build(cfg: DictConfig) -> Simulation:
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
-    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(strategy, params, sizes=partition.sizes(), participation_probs=probs))
-    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine)
+    state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(
+        strategy, params, sizes=partition.sizes(), participation_probs=probs, node_times=latency.mean_times()))
+    if getattr(strategy, "trigger", None) is not None and not getattr(server, "uses_latency", False):
+        raise ConfigError(f"strategy {type(strategy).__name__} aggregates stale updates; add server=async")
+    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine, latency)
 
 
 def init_strategy(strategy: Any, params: torch.Tensor, **run_facts: Any) -> dict[str, Any]:

@@ -235,6 +235,12 @@ class Compressed:
         self.feedback = feedback
         self.client = CompressedClient(inner.client, compressor, feedback)
 
+    def __getattr__(self, name: str) -> Any:
+        # the asynchronous server reads when and how the wrapped strategy aggregates
+        if name in ("trigger", "buffer", "period", "direction") and "inner" in self.__dict__:
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
     def check(self, n: int) -> None:
         check = getattr(self.inner, "check", None)
         if check is not None:

@@ -98,6 +98,10 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         assert ("h" in state) == fb.mirror
         msg, nbytes, node = fb.node(torch.ones(5), {}, lambda v: strat.compressor.compress(v))
         assert msg.shape == (5,) and nbytes > 0 and isinstance(node, dict)
+    elif group == "latency":
+        lat = make(node).bind(num_nodes=20, seed=0, sizes=np.arange(1, 21))
+        times = np.array([[lat.time(i, k) for k in range(5)] for i in range(20)])
+        assert lat.mean_times().shape == (20,) and (times > 0).all() and np.isfinite(times).all()
     elif group == "participation":
         model = make(node)
         if hasattr(model, "bind"):

@@ -73,9 +73,13 @@ def run_params(*overrides: str) -> torch.Tensor:
         ["compressor=qsgd", "compressor.layerwise=true", "feedback=ef14", "strategy/aggregator=median"],
         ["strategy=fedau", "participation=markov", "participation.p=0.4", "strategy.cutoff=5"],
         ["strategy=fedvarp", "participation=cyclic", "participation.period=4", "participation.p=0.5"],
+        ["server=async", "strategy=fedbuff", "strategy.buffer=3", "server.concurrency=5", "latency=lognormal",
+         "strategy.client.steps=2", "rounds=6"],
+        ["server=async", "strategy=fedasync", "latency=exponential", "latency.node_spread=1.0",
+         "strategy/aggregator=median", "rounds=8"],
     ],
     ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned", "randk-econtrol", "qsgd-ef14-median",
-         "fedau-markov", "fedvarp-cyclic"],
+         "fedau-markov", "fedvarp-cyclic", "async-fedbuff", "async-fedasync-median"],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
     local = run_params(*setup, "cluster=local")

@@ -31,11 +31,14 @@ class WorkerSpec:
 @dataclass(frozen=True)
 class NodeTask:
     """One node's work in a round: its id, its persistent state and, when nodes hold models of
-    their own (peer to peer), the model it starts from instead of the broadcast one."""
+    their own (peer to peer) or started from an older model (asynchronous), the model it starts
+    from instead of the broadcast one; ``round`` replaces the call's round in the node's streams
+    (the asynchronous server passes the job's sequence number)."""
 
     node_id: int
     state: NodeState | None = None
     start: torch.Tensor | None = None
+    round: int | None = None
 
 
 @dataclass
@@ -117,7 +120,8 @@ class NodeWorker:
         messages, counts, metrics, states, nbytes = [], [], [], [], []
         t0 = time.perf_counter()
         for task in tasks:
-            ctx = ClientContext(round_, task.node_id, self.spec.seed, self.spec.num_classes)
+            ctx = ClientContext(round_ if task.round is None else task.round, task.node_id, self.spec.seed,
+                                self.spec.num_classes)
             start = task.start if task.start is not None else params
             if start is None:
                 raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
