@@ -133,3 +133,25 @@ def test_robust_buffer_with_attack_and_partial_concurrency_learns():
     assert max(m["async/in_flight"] for m in rows) <= 6
     times = [m["time/simulated"] for m in rows]
     assert times == sorted(times) and math.isfinite(times[-1])
+
+
+def test_fedasync_mixes_towards_the_stale_local_model():
+    """FedAsync with alpha 1 and constant s: every arrival *replaces* x by the node's local model
+    y (direction x_now - y), stale or not; asynchronous FedAvg instead adds the node's own step
+    x_sent - y to the current model. On the hand-worked schedule, the second arrival (node 1,
+    from v0) is stale by one: FedAsync ends at x0 - m1, async FedAvg at x0 - m2 - m1."""
+    one = ["strategy=async_fedavg", "strategy.importance=one", "strategy.server_opt.lr=1.0"]
+    set_driver_threads(1)
+    x0 = build(compose(*BASE, *one, "rounds=1")).state.params
+    a1 = record(*one, "rounds=1")[1].params  # x0 - m2
+    a2 = record(*one, "rounds=2")[1].params  # x0 - m2 - m1
+    f2 = record("strategy=fedasync", "strategy.staleness=constant", "strategy.server_opt.lr=1.0", "rounds=2")[1].params
+    assert torch.allclose(f2, x0 - (a1 - a2), atol=1e-6)
+    assert not torch.allclose(f2, a2, atol=1e-4)
+
+
+def test_participation_limits_who_is_dispatched():
+    _, state, _, rows = record("num_nodes=12", "nodes_per_round=12", "participation=bernoulli",
+                               "participation.rates=constant", "participation.p=0.3", "strategy=fedavg", "rounds=15")
+    counts = [m["train/participants"] for m in rows]
+    assert state.round == 15 and max(counts) < 12 and np.mean(counts) == pytest.approx(3.6, abs=1.5)

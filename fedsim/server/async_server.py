@@ -138,11 +138,17 @@ class _Loop:
         self.totals_time = {"train_s": 0.0}
         self.bytes_down = 0
         self.idle_steps = 0
+        self.unit = float(np.mean(latency.mean_times()))
 
     # ---- dispatch -------------------------------------------------------------------------
+    def availability_round(self) -> int:
+        """Participation models are indexed by round; on the clock, round r is the window
+        [r u, (r + 1) u) with u the nodes' mean latency (a synchronous run's round length)."""
+        return int(np.floor(self.clock / self.unit + 1e-9))
+
     def available(self) -> list[int]:
         active = getattr(self.participation, "active", None)
-        mask = active(self.state.version) if active is not None else np.ones(self.N, dtype=bool)
+        mask = active(self.availability_round()) if active is not None else np.ones(self.N, dtype=bool)
         return [i for i in range(self.N) if mask[i] and i not in self.busy and i not in self.waiting]
 
     def dispatch(self, count: int) -> None:
@@ -214,7 +220,7 @@ class _Loop:
             messages = torch.stack([j.message for j in honest])  # type: ignore[misc]
             if self.direction == "current":
                 shift = torch.stack([state.params - self.models[j.base_version] for j in honest])
-                messages = messages - shift  # x_sent - y  ->  x_now - y
+                messages = messages + shift  # x_sent - y  ->  x_now - y
         else:
             messages = torch.zeros(0, d, dtype=state.params.dtype)
         result = RoundResult([j.node for j in honest], messages, [j.num_examples for j in honest],
@@ -288,8 +294,7 @@ class _Loop:
     def advance(self) -> dict[str, object] | None:
         """Move the clock to the next server step and take it (None: nothing to aggregate)."""
         if self.trigger == "buffer":
-            if not self.heap:
-                raise FedsimError("no node is in flight and none is available; check the participation model")
+            self.wait_for_nodes()
             job = self.pop()
             self.buffer.append(job)
             out = self.flush() if len(self.buffer) >= (self.buffer_size or 1) else None
@@ -304,16 +309,24 @@ class _Loop:
                 self.waiting.add(job.node)
             self.clock = float(target)
         else:  # barrier
-            if not self.heap:
-                self.dispatch(self.concurrency)
-                if not self.heap:
-                    raise FedsimError("no node is available to dispatch; check the participation model")
+            self.wait_for_nodes()
             while self.heap:
                 self.buffer.append(self.pop())
         out = self.flush()
         self.waiting.clear()
         self.dispatch(self.concurrency - len(self.busy))
         return out
+
+    def wait_for_nodes(self) -> None:
+        """With nobody in flight, let time pass (one participation window at a time) until some
+        node is available, and dispatch."""
+        for _ in range(100_000):
+            if self.heap:
+                return
+            self.dispatch(self.concurrency - len(self.busy))
+            if not self.heap:
+                self.clock = (self.availability_round() + 1) * self.unit
+        raise FedsimError("no node became available in 100,000 participation windows; check the participation model")
 
     def run(self) -> tuple[ServerState, dict[str, object]]:
         start = time.perf_counter()
