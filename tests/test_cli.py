@@ -56,7 +56,7 @@ def test_default_run_shows_progress(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["strategy=nope"], "Could not find 'strategy/nope'; available: avg_all, avg_participating, fedau"),
+        (["strategy=nope"], "Could not find 'strategy/nope'; available: async_fedavg, avg_all"),
         (["feedback=ef21", "strategy/aggregator=median"], "needs strategy/aggregator=mean"),
         (["compressor=top_k", "compressor.ratio=2"], "compressor.ratio=2"),
         (["participation=markov", "participation.transition=0"], "participation.transition=0"),
@@ -73,6 +73,8 @@ def test_default_run_shows_progress(tmp_path):
         (["strategy=robust", "attack=alie", "byzantine.num=5"], "trimmed_mean needs 2f < n, but f=5 and n=10"),
         (["strategy=robust", "strategy.preaggregators=[nmm]"], "unknown pre-aggregator 'nmm'"),
         (["strategy=monna"], "add server=p2p"),
+        (["strategy=fedbuff"], "add server=async"),
+        (["server=async", "latency=linear", "latency.spread=120"], "latency.spread=120"),
         (["attack=inf"], "attack=inf: Hydra reads 'inf' as a number, not an option name; attack options: alie"),
     ],
 )
