@@ -4,7 +4,8 @@ Federated Fashion-MNIST, 20 nodes with Dirichlet(0.1) label skew, all 20 always 
 job 10 local SGD steps (batch 64, lr 0.05), MLP with 64 hidden units; latency F-0 (every node
 takes 1 time unit) and F-80 (node i takes 1 - 0.8 i / 19: the fastest is 80 % faster), after
 Fraboni et al. (JMLR 2023). Schemes: synchronous FedAvg on the clock (waits for the slowest),
-asynchronous FedAvg with the importance-corrected ("weight") coefficients, FedAsync (alpha 0.6,
+asynchronous FedAvg with the importance-corrected ("weight") coefficients (server lr 1, and 0.1
+since the paper tunes learning rates per scheme), FedAsync (alpha 0.6,
 polynomial staleness a = 0.5), FedBuff (buffer 5, s = (1 + tau)^-1/2, server lr 1), FedFix-0.5
 (period-corrected). Every run lasts ``--duration`` simulated time units (default 60), with an
 evaluation every 2 units. 3 seeds.
@@ -27,6 +28,7 @@ SCENARIOS = {"F-0": ["latency=linear", "latency.spread=0"], "F-80": ["latency=li
 METHODS = {
     "sync FedAvg": ["strategy=fedavg"],
     "async FedAvg": ["strategy=async_fedavg"],
+    "async FedAvg, lr_g 0.1": ["strategy=async_fedavg", "strategy.server_opt.lr=0.1"],
     "FedAsync": ["strategy=fedasync"],
     "FedBuff-5": ["strategy=fedbuff", "strategy.buffer=5"],
     "FedFix-0.5": ["strategy=fedfix", "strategy.period=0.5"],
