@@ -117,6 +117,8 @@ def build(cfg: DictConfig) -> Simulation:
         if p2p:
             raise ConfigError("server=p2p needs a peer-to-peer strategy, e.g. strategy=monna")
         raise ConfigError("this strategy runs peer to peer; add server=p2p")
+    if getattr(strategy, "trigger", None) is not None and not getattr(server, "uses_latency", False):
+        raise ConfigError(f"strategy {type(strategy).__name__} aggregates stale updates; add server=async")
     check = getattr(strategy, "check", None)
     if check is not None:
         if p2p:
@@ -135,16 +137,15 @@ def build(cfg: DictConfig) -> Simulation:
     params = flat.vector()
     state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(
         strategy, params, sizes=partition.sizes(), participation_probs=probs, node_times=latency.mean_times()))
-    if getattr(strategy, "trigger", None) is not None and not getattr(server, "uses_latency", False):
-        raise ConfigError(f"strategy {type(strategy).__name__} aggregates stale updates; add server=async")
     return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine, latency)
 
 
 def init_strategy(strategy: Any, params: torch.Tensor, **run_facts: Any) -> dict[str, Any]:
     """``strategy.init(params)``, passing each fact of the run (``sizes``: examples per node;
-    ``participation_probs``: every node's long-run participation rate) that its signature names.
-    The error-feedback mirror weights nodes by their sizes; the known-probability oracle of
-    strategies.fedau reads the rates."""
+    ``participation_probs``: every node's long-run participation rate; ``node_times``: every
+    node's mean latency) that its signature names. The error-feedback mirror weights nodes by
+    their sizes, the known-probability oracle of strategies.fedau reads the rates, and the
+    importance corrections of strategies.asynchronous read the latencies."""
     accepted = inspect.signature(strategy.init).parameters
     return strategy.init(params, **{k: v for k, v in run_facts.items() if k in accepted})
 

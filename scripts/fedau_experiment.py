@@ -65,7 +65,8 @@ def work(spec: dict) -> dict:
 
 def grid(args) -> list[dict]:
     base = {"rounds": args.rounds, "root": args.root}
-    return [{**base, "pattern": pat, "method": m, "seed": s} for s in args.seeds for pat in PATTERNS for m in METHODS]
+    return [{**base, "pattern": pat, "method": m, "seed": s} for s in args.seeds for pat in args.patterns
+            for m in args.methods]
 
 
 def key(r: dict) -> tuple:
@@ -145,7 +146,10 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def main() -> None:
-    args = experiment_parser(__doc__, ROOT / "results" / "fedau", 400).parse_args()
+    ap = experiment_parser(__doc__, ROOT / "results" / "fedau", 400)
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_grid([] if args.plot_only else grid(args), work, sink_path=args.out / "results.jsonl", key=key,
                        jobs=args.jobs, describe=lambda r: f"{r['pattern']:12} {r['method']:22} seed {r['seed']}: "
