@@ -11,6 +11,9 @@ average over participants (0.0562, 1.78), average over all (0.1, 10), known prob
 FedVarp and MIFA (0.0562, 1). 3 seeds; the seed sets the partition, the rates and the schedule.
 
     .venv/bin/python scripts/fedau_experiment.py --out results/fedau --jobs 2
+    # the longer-horizon subset
+    .venv/bin/python scripts/fedau_experiment.py --out results/fedau_long --rounds 2000 --patterns bernoulli \
+        --methods "FedAU (K=50)" "FedAU (K=inf)" "average participating" "average all" "known probabilities" MIFA
 """
 
 from __future__ import annotations
