@@ -79,9 +79,6 @@ class Compressor:
     def nbytes(payload: Payload) -> int:
         return payload.nbytes
 
-    def __call__(self, v: torch.Tensor, rng: torch.Generator | None = None, sizes: Sequence[int] | None = None) -> Payload:
-        return self.compress(v, rng, sizes)
-
     @property
     def is_identity(self) -> bool:
         return False

@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment_util import ROOT, experiment_parser, pyplot, report, run_grid, run_recorded
+from experiment_util import (
+    ROOT,
+    experiment_parser,
+    mean_curve,
+    pyplot,
+    report,
+    run_grid,
+    run_recorded,
+    save_figure,
+)
 
 SCENARIOS = {"F-0": ["latency=linear", "latency.spread=0"], "F-80": ["latency=linear", "latency.spread=80"]}
 METHODS = {
@@ -99,22 +108,16 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             rs = [r for r in results if r["scenario"] == sc and r["method"] == m]
             if not rs:
                 continue
-            n = min(len(r["curve"]) for r in rs)
-            x = np.array([[c["time/simulated"] for c in r["curve"][:n]] for r in rs]).mean(0)
-            y = np.array([[c["eval/acc"] for c in r["curve"][:n]] for r in rs])
-            ax.plot(x, y.mean(0), label=f"{m} ({len(rs)} seeds)")
-            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+            x, mean, std = mean_curve(rs, "time/simulated")
+            ax.plot(x, mean, label=f"{m} ({len(rs)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
         ax.set_title(f"Fashion-MNIST, Dirichlet 0.1, 20 nodes, {sc}")
         ax.set_xlabel("simulated time (slowest node's job = 1)")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0.2, 0.9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out / "accuracy_vs_time.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "accuracy_vs_time.png")]
 
 
 def main() -> None:

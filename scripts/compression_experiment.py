@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment_util import ROOT, experiment_parser, pyplot, report, run_grid, run_recorded
+from experiment_util import (
+    ROOT,
+    experiment_parser,
+    mean_curve,
+    pyplot,
+    report,
+    run_grid,
+    run_recorded,
+    save_figure,
+)
 
 RATIOS = [0.01, 0.10]
 METHODS = {
@@ -98,12 +107,6 @@ def summarise(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curve(rs: list[dict], x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    xs = np.array([[c[x_key] for c in r["curve"]] for r in rs], dtype=float).mean(0)
-    ys = np.array([[c["eval/acc"] for c in r["curve"]] for r in rs], dtype=float)
-    return xs, ys.mean(0), ys.std(0)
-
-
 def plot(results: list[dict], out: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -130,11 +133,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             ax.set_ylim(0.3, 0.9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / name))
     return paths
 
 

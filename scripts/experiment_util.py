@@ -83,6 +83,27 @@ def pyplot():
     return plt
 
 
+def mean_curve(runs: list[dict], x_key: str, y_key: str = "eval/acc"):
+    """Across runs (seeds): mean x, mean y and std y of their recorded curves, cut to the shortest
+    curve (runs that stop by simulated time may evaluate once more or less)."""
+    import numpy as np
+
+    n = min(len(r["curve"]) for r in runs)
+    xs = np.array([[c[x_key] for c in r["curve"][:n]] for r in runs], dtype=float).mean(0)
+    ys = np.array([[c[y_key] for c in r["curve"][:n]] for r in runs], dtype=float)
+    return xs, ys.mean(0), ys.std(0)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG (120 dpi) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def experiment_parser(doc: str, out: Path, rounds: int):
     """The command line every federated experiment driver shares."""
     import argparse

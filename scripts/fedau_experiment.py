@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment_util import ROOT, experiment_parser, pyplot, report, run_grid, run_recorded
+from experiment_util import (
+    ROOT,
+    experiment_parser,
+    mean_curve,
+    pyplot,
+    report,
+    run_grid,
+    run_recorded,
+    save_figure,
+)
 
 PATTERNS = {
     "bernoulli": ["participation=bernoulli"],
@@ -111,20 +120,16 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             rs = [r for r in results if r["method"] == m and r["pattern"] == pat]
             if not rs:
                 continue
-            x = [c["round"] for c in rs[0]["curve"]]
-            y = np.array([[c["eval/acc"] for c in r["curve"]] for r in rs])
-            ax.plot(x, y.mean(0), label=f"{m} ({len(rs)})")
-            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+            x, mean, std = mean_curve(rs, "round")
+            ax.plot(x, mean, label=f"{m} ({len(rs)})")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
         ax.set_title(f"Fashion-MNIST, 250 nodes, {pat}")
         ax.set_xlabel("round (5 local steps each)")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0.4, 0.9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    paths.append(out / "fedau_accuracy.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "fedau_accuracy.png"))
     fig, axes = plt.subplots(1, len(PATTERNS), figsize=(5.2 * len(PATTERNS), 4.4), squeeze=False)
     for ax, pat in zip(axes[0], PATTERNS):
         for method, marker in (("FedAU (K=inf)", "o"), ("FedAU (K=50)", "x")):
@@ -141,10 +146,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("FedAU weight w_n after the run")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "fedau_weights.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "fedau_weights.png"))
     return paths
 
 

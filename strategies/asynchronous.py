@@ -120,18 +120,8 @@ class Buffered(FedAvg):
         s = staleness_weight(tau, self.staleness, self.a, self.b)
         return s * state["importance"].index_select(0, batch.node_ids)
 
-    def step(
-        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
-    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
-        from fedsim.seeding import torch_rng
-
-        w = self.row_weights(batch, state, info)
-        k = len(batch)
-        agg, agg_state = self.aggregate(batch.messages, w, state.get("aggregator", {}), torch_rng(info.seed, "preagg", info.round))
-        total = float(w.sum())
-        direction = agg * (total / k if self.reduce == "mean" else total)
-        new_params, opt_state = self.server_opt.step(params, direction, state["server_opt"])
-        tau = (info.version - batch.base_version).to(torch.float64)
-        metrics = {"agg/direction_norm": float(direction.norm()), "agg/weight_sum": total,
-                   "async/staleness_mean": float(tau.mean()), "async/staleness_max": float(tau.max())}
-        return new_params, {**state, "server_opt": opt_state, "aggregator": agg_state}, metrics
+    def scale(self, weights: torch.Tensor) -> float:
+        """sum_i w_i / k (``reduce=mean``) or sum_i w_i (``sum``): the aggregate times this is
+        sum_i w_i m_i / k or sum_i w_i m_i for the mean aggregator."""
+        total = float(weights.sum())
+        return total / len(weights) if self.reduce == "mean" else total

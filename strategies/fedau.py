@@ -60,10 +60,9 @@ def estimator_update(c: np.ndarray, M: np.ndarray, w: np.ndarray, participated: 
     intervals recorded before this round (1 for a node with none)."""
     c, M, w = c.copy(), M.copy(), w.copy()
     used = np.where(M > 0, w, 1.0)
-    record = np.zeros_like(participated)
     length = np.zeros(len(c), dtype=np.float64)
     # participants: record c + 1, reset
-    record |= participated
+    record = participated.copy()
     length[participated] = c[participated] + 1
     c[participated] = 0
     # absent nodes: count; at the cutoff record K and reset

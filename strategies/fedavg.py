@@ -73,6 +73,15 @@ class FedAvg:
         weights = batch.num_examples.to(torch.float64)
         return weights if self.weighted else (weights > 0).to(torch.float64)
 
+    def row_weights(self, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo) -> torch.Tensor:
+        """The weights the aggregator gets for the batch's rows (examples, or 1 per sender)."""
+        return self._weights(batch)
+
+    def scale(self, weights: torch.Tensor) -> float | None:
+        """A factor applied to the aggregate (None: none). The aggregate of a weighted mean is
+        normalised; subclasses whose step is an unnormalised weighted sum scale it back."""
+        return None
+
     def defence(self, state: dict[str, Any], info: RoundInfo) -> Callable[[torch.Tensor], torch.Tensor]:
         """The aggregation as the attacker sees it (for optimal attacks): same chain, same state,
         same round stream, equal weights; it never changes the strategy's state."""
@@ -88,9 +97,15 @@ class FedAvg:
         self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
         rng = torch_rng(info.seed, "preagg", info.round)
-        direction, agg_state = self.aggregate(batch.messages, self._weights(batch), state.get("aggregator", {}), rng)
+        weights = self.row_weights(batch, state, info)
+        direction, agg_state = self.aggregate(batch.messages, weights, state.get("aggregator", {}), rng)
+        factor = self.scale(weights)
+        if factor is not None:
+            direction = direction * factor
         new_params, opt_state = self.server_opt.step(params, direction, state["server_opt"])
         metrics = {"agg/direction_norm": float(direction.norm())}
+        if factor is not None:  # an unnormalised step: how much weight it carried
+            metrics["agg/weight_sum"] = float(weights.sum())
         return new_params, {**state, "server_opt": opt_state, "aggregator": agg_state}, metrics
 
 

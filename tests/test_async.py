@@ -53,7 +53,7 @@ def test_buffer_collects_k_arrivals():
 def test_synchronous_fedavg_on_the_clock_is_sync_fedavg():
     """A barrier run with every node in flight trains exactly as server=sync with every node in
     every round; the clock advances by the slowest node per round."""
-    sim, state, summary, rows = record("strategy=fedavg", "rounds=4")
+    _, state, _, rows = record("strategy=fedavg", "rounds=4")
     set_driver_threads(1)
     sync = build(compose(*BASE[:-3], "rounds=4")).run()[0]
     assert torch.equal(state.params, sync.params)

@@ -33,7 +33,7 @@ class NodeTask:
     """One node's work in a round: its id, its persistent state and, when nodes hold models of
     their own (peer to peer) or started from an older model (asynchronous), the model it starts
     from instead of the broadcast one; ``round`` replaces the call's round in the node's streams
-    (the asynchronous server passes the job's sequence number)."""
+    (the asynchronous server passes the node's job index)."""
 
     node_id: int
     state: NodeState | None = None
@@ -67,8 +67,7 @@ class RoundResult:
         )
         if not rows:
             raise ValueError("no node results to merge")
-        row_bytes = [part.row_bytes() for part in parts]
-        index = {id(part): j for j, part in enumerate(parts)}
+        row_bytes = {id(part): part.row_bytes() for part in parts}
         return RoundResult(
             node_ids=[nid for nid, _, _ in rows],
             messages=torch.stack([part.messages[i] for _, part, i in rows]),
@@ -76,7 +75,7 @@ class RoundResult:
             metrics=[part.metrics[i] for _, part, i in rows],
             states=[part.states[i] for _, part, i in rows],
             busy_s=[b for part in parts for b in part.busy_s],
-            bytes_up=[row_bytes[index[id(part)]][i] for _, part, i in rows],
+            bytes_up=[row_bytes[id(part)][i] for _, part, i in rows],
         )
 
 

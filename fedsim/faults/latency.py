@@ -21,7 +21,7 @@ persistently slow and fast devices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -66,8 +66,7 @@ class Latency:
         else:
             z = np_rng(seed, "latency", "nodes").standard_normal(n)
             base = self.mean * np.exp(self.node_spread * z - self.node_spread**2 / 2)
-        kwargs = {k: getattr(self, k) for k in ("kind", "value", "spread", "mean", "sigma", "node_spread", "scale")}
-        return Latency(**kwargs, seed=int(seed), base=base)
+        return replace(self, seed=int(seed), base=base)
 
     def mean_times(self) -> np.ndarray:
         if self.base is None:

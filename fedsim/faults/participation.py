@@ -21,7 +21,7 @@ replays the process from round 0, so round t's set is a function of (seed, t) al
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -82,11 +82,7 @@ class _Availability:
                                 rng=np_rng(seed, "participation", "rates"))
         else:
             probs = np.full(num_nodes, float(self.p))
-        kwargs = {k: getattr(self, k) for k in ("p", "rates", "alpha", "p_min")}
-        return type(self)(**kwargs, **self._extra(), probs=probs, seed=int(seed))
-
-    def _extra(self) -> dict:
-        return {}
+        return replace(self, probs=probs, seed=int(seed))
 
     def probabilities(self, num_nodes: int | None = None, nodes_per_round: int | None = None) -> np.ndarray:
         if self.probs is None:
@@ -122,7 +118,7 @@ class Full(_Availability):
     """Every node in every round (p_n = 1)."""
 
     def bind(self, *, num_nodes: int, seed: int, label_counts: np.ndarray | None = None) -> Full:
-        return Full(p=1.0, rates="constant", probs=np.ones(num_nodes), seed=int(seed))
+        return replace(self, p=1.0, rates="constant", probs=np.ones(num_nodes), seed=int(seed))
 
     def _advance(self, state: object, t: int) -> tuple[object, np.ndarray]:
         return state, np.ones(len(self.probabilities()), dtype=bool)
@@ -153,9 +149,6 @@ class Markov(_Availability):
         super().__post_init__()
         if not 0.0 < float(self.transition) <= 1.0:
             raise ConfigError(f"participation.transition={self.transition} must be in (0, 1]")
-
-    def _extra(self) -> dict:
-        return {"transition": self.transition}
 
     def rates_ab(self) -> tuple[np.ndarray, np.ndarray]:
         probs = self.probabilities()
@@ -191,9 +184,6 @@ class Cyclic(_Availability):
         super().__post_init__()
         if int(self.period) < 2:
             raise ConfigError(f"participation.period={self.period} must be >= 2")
-
-    def _extra(self) -> dict:
-        return {"period": self.period}
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         L = int(self.period)

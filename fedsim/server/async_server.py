@@ -56,7 +56,6 @@ class Job:
     node: int
     k: int  # the node's job index: its training stream is (seed, "train", k, node)
     base_version: int
-    start_time: float
     finish: float
     message: torch.Tensor | None = None
     num_examples: int = 0
@@ -135,7 +134,7 @@ class _Loop:
         self.buffer: list[Job] = []
         self.models: dict[int, torch.Tensor] = {state.version: state.params}
         self.next_eval = server.eval_interval
-        self.totals_time = {"train_s": 0.0}
+        self.train_s = 0.0
         self.bytes_down = 0
         self.idle_steps = 0
         self.unit = float(np.mean(latency.mean_times()))
@@ -159,11 +158,10 @@ class _Loop:
             node = cands[int(np_rng(self.s.seed, "dispatch", self.seq).integers(len(cands)))]
             duration = float(self.latency.time(node, int(self.jobs_of_node[node])))
             self.jobs_of_node[node] += 1
-            job = Job(self.seq, node, int(self.jobs_of_node[node]) - 1, self.state.version, self.clock, self.clock + duration)
+            job = Job(self.seq, node, int(self.jobs_of_node[node]) - 1, self.state.version, self.clock + duration)
             self.jobs[job.seq] = job
             heapq.heappush(self.heap, (job.finish, node, job.seq))
             self.busy.add(node)
-            self.models.setdefault(self.state.version, self.state.params)
             self.bytes_down += 4 * int(self.state.params.numel())
             self.seq += 1
 
@@ -194,17 +192,18 @@ class _Loop:
                 result = self.executor.run_round(None, self.state.round, tasks)
                 by_node = {j.node: j for j in honest}
                 node_states = dict(self.state.node_states)
+                row_bytes = result.row_bytes()
                 for i, nid in enumerate(result.node_ids):
                     job = by_node[nid]
                     job.message = result.messages[i]
                     job.num_examples = result.num_examples[i]
                     job.metrics = result.metrics[i]
-                    job.nbytes = result.row_bytes()[i]
+                    job.nbytes = row_bytes[i]
                     if result.states[i] is not None:
                         node_states[nid] = result.states[i]
                 self.state.node_states = node_states
             pending = later
-        self.totals_time["train_s"] += time.perf_counter() - t0
+        self.train_s += time.perf_counter() - t0
 
     # ---- one server step -------------------------------------------------------------------
     def flush(self) -> dict[str, object] | None:
@@ -281,7 +280,7 @@ class _Loop:
     def done(self) -> bool:
         return self.state.round >= self.s.rounds or (self.s.duration is not None and self.clock >= self.s.duration)
 
-    def is_eval(self, metrics: dict[str, object]) -> bool:
+    def is_eval(self) -> bool:
         if self.s.eval_interval is not None:
             assert self.next_eval is not None
             if self.clock >= self.next_eval:
@@ -341,7 +340,7 @@ class _Loop:
                     raise FedsimError("100,000 aggregation times passed without any update; check participation and latency")
                 continue
             self.idle_steps = 0
-            if self.evaluator is not None and self.is_eval(metrics):
+            if self.evaluator is not None and self.is_eval():
                 t1 = time.perf_counter()
                 last_eval = self.evaluator(self.state.params)
                 metrics.update(last_eval)
@@ -350,5 +349,5 @@ class _Loop:
         summary = run_summary(self.state, last_eval, start, **{
             "comm/bytes_up_total": self.state.totals.get("bytes_up", 0), "comm/bytes_down_total": self.bytes_down,
             "time/simulated": self.clock,
-            "time/train_s": self.totals_time["train_s"]})
+            "time/train_s": self.train_s})
         return self.state, summary

@@ -134,9 +134,13 @@ def test_fedau_in_a_real_run_tracks_one_over_p():
 
 def test_memory_methods_store_one_update_per_node():
     set_driver_threads(1)
-    sim = build(compose(*SIM, "strategy=mifa", "participation=cyclic", "participation.period=10", "rounds=12"))
+    sim = build(compose(*SIM, "strategy=mifa", "participation=cyclic", "participation.period=10", "rounds=4"))
     state, _ = sim.run()
     stored = state.strategy_state["stored"]
     assert stored.shape == (30, sim.num_params)
+    # exactly the nodes that took part in some round hold a (non-zero) stored update
+    took_part = np.zeros(30, dtype=bool)
+    for t in range(4):
+        took_part[sim.participation(t, 30, 0, None)] = True
     seen = (stored.abs().sum(1) > 0).numpy()
-    assert 0 < seen.sum() <= 30
+    assert 0 < took_part.sum() < 30 and np.array_equal(seen, took_part)
