@@ -71,6 +71,11 @@ class Simulation:
         )
         return self.state, summary
 
+    @property
+    def total_rounds(self) -> int:
+        """Rounds the run will take: ``rounds``, plus the earlier phases of a phased strategy."""
+        return int(self.cfg.rounds) + int(getattr(self.strategy, "pre_rounds", 0))
+
     def info(self) -> dict[str, Any]:
         sizes = self.data.partition.sizes()
         return {
@@ -103,7 +108,8 @@ def build(cfg: DictConfig) -> Simulation:
     model_factory = make(cfg.model)
     model = build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed)
     flat = FlatModel(model)
-    strategy = make(cfg.feedback).wrap(make(cfg.strategy), make(cfg.compressor))
+    base_strategy = make(cfg.strategy)
+    strategy = make(cfg.feedback).wrap(base_strategy, make(cfg.compressor))
     participation = make(cfg.participation)
     if hasattr(participation, "bind"):
         labels = data.dataset.y_train
@@ -119,6 +125,8 @@ def build(cfg: DictConfig) -> Simulation:
         raise ConfigError("this strategy runs peer to peer; add server=p2p")
     if getattr(strategy, "trigger", None) is not None and not getattr(server, "uses_latency", False):
         raise ConfigError(f"strategy {type(strategy).__name__} aggregates stale updates; add server=async")
+    if hasattr(base_strategy, "broadcast"):
+        check_phased(base_strategy, wrapped=strategy is not base_strategy, server=server, cfg=cfg, probs=probs)
     check = getattr(strategy, "check", None)
     if check is not None:
         if p2p:
@@ -131,21 +139,41 @@ def build(cfg: DictConfig) -> Simulation:
         check(rows)
     if attack is not None and getattr(attack, "needs_defence", False) and not (p2p or hasattr(strategy, "defence")):
         raise ConfigError(f"attack {type(attack).__name__} line-searches against the defence, which this strategy does not expose")
-    spec = WorkerSpec(model_factory, dataset.input_shape, dataset.num_classes, strategy.client, seed, threads=1)
+    spec = WorkerSpec(model_factory, dataset.input_shape, dataset.num_classes, strategy.client, seed, threads=1,
+                      unlabelled=bool(getattr(strategy.client, "uses_unlabelled", False)))
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
     state = server.initial(params, byzantine, strategy) if p2p else ServerState(0, 0, params, init_strategy(
-        strategy, params, sizes=partition.sizes(), participation_probs=probs, node_times=latency.mean_times()))
+        strategy, params, sizes=partition.sizes(), participation_probs=probs, node_times=latency.mean_times(),
+        train_label_counts=data.label_counts("train"), test_label_counts=data.label_counts("test")))
     return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, byzantine, latency)
+
+
+def check_phased(strategy: Any, *, wrapped: bool, server: Any, cfg: DictConfig, probs: np.ndarray) -> None:
+    """A strategy with a ``broadcast`` (VRLS) runs in phases driven by the synchronous loop and
+    exchanges small reports in its message rows: refuse what would silently break that."""
+    name = type(strategy).__name__
+    if getattr(server, "uses_latency", False) or getattr(server, "peer_to_peer", False):
+        raise ConfigError(f"strategy {name} runs in phases that only the synchronous server drives; use server=sync")
+    if wrapped:
+        raise ConfigError(f"strategy {name} sends small reports that compression would corrupt; "
+                          "use compressor=identity feedback=none")
+    if int(cfg.byzantine.num) > 0:
+        raise ConfigError(f"strategy {name} does not model Byzantine nodes; set byzantine.num=0")
+    if int(cfg.nodes_per_round) != int(cfg.num_nodes) or not np.all(probs == 1.0):
+        raise ConfigError(f"strategy {name} needs every node in every round (its estimate pools all nodes); "
+                          f"set nodes_per_round={cfg.num_nodes} (= num_nodes) and participation=uniform")
 
 
 def init_strategy(strategy: Any, params: torch.Tensor, **run_facts: Any) -> dict[str, Any]:
     """``strategy.init(params)``, passing each fact of the run (``sizes``: examples per node;
     ``participation_probs``: every node's long-run participation rate; ``node_times``: every
-    node's mean latency) that its signature names. The error-feedback mirror weights nodes by
-    their sizes, the known-probability oracle of strategies.fedau reads the rates, and the
-    importance corrections of strategies.asynchronous read the latencies."""
+    node's mean latency; ``train_label_counts`` / ``test_label_counts``: (nodes, classes) label
+    histograms of every node's train and test set) that its signature names. The error-feedback
+    mirror weights nodes by their sizes, the known-probability oracle of strategies.fedau reads
+    the rates, the importance corrections of strategies.asynchronous read the latencies, and
+    strategies.vrls reads the label counts for its oracle and its ratio-error diagnostics."""
     accepted = inspect.signature(strategy.init).parameters
     return strategy.init(params, **{k: v for k, v in run_facts.items() if k in accepted})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,9 @@ class ClientContext:
     node_id: int
     seed: int
     num_classes: int
+    server: Mapping[str, Any] | None = None
+    """What the strategy broadcasts next to the model this round (``strategy.broadcast``), if
+    anything: a few numbers, e.g. VRLS's phase and pooled label marginal."""
 
     def generator(self) -> torch.Generator:
         """The node's training stream for this round: (seed, "train", round, node_id)."""
@@ -40,12 +44,75 @@ class ClientContext:
         return torch_rng(self.seed, "train", self.round, self.node_id)
 
 
-@dataclass
 class NodeData:
-    """A node's training data as tensors (features float32, labels int64)."""
+    """A node's training data: features float32, labels int64.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    Built from tensors (``NodeData(x, y)``) or, by the worker, as rows ``index`` of shared
+    tensors (`NodeData.rows`): then the features are gathered only when asked for, and `take`
+    gathers just a minibatch's rows, so a round that touches a few minibatches never copies the
+    node's whole dataset. Labels are always gathered (they are small).
+
+    ``x_unlabelled`` are the node's own test inputs without labels, for clients that declare
+    ``uses_unlabelled`` (label-shift estimation); None otherwise.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None = None) -> None:
+        self._x: torch.Tensor | None = x
+        self.y = y
+        self._x_unlabelled = x_unlabelled
+        self._source: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._test_source: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def rows(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        x_test: torch.Tensor | None = None,
+        test_index: torch.Tensor | None = None,
+    ) -> NodeData:
+        """Rows ``index`` of shared ``x``, ``y`` (and rows ``test_index`` of ``x_test``), lazily."""
+        test = (x_test, test_index) if x_test is not None and test_index is not None else None
+        return cls._lazy(x, index, y.index_select(0, index), test, None)
+
+    @classmethod
+    def _lazy(cls, full: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
+              test: tuple[torch.Tensor, torch.Tensor] | None, x_unlabelled: torch.Tensor | None) -> NodeData:
+        data = cls.__new__(cls)
+        data._x, data.y, data._x_unlabelled = None, y, x_unlabelled
+        data._source, data._test_source = (full, index), test
+        return data
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            assert self._source is not None
+            full, index = self._source
+            self._x = full.index_select(0, index)
+        return self._x
+
+    @property
+    def x_unlabelled(self) -> torch.Tensor | None:
+        if self._x_unlabelled is None and self._test_source is not None:
+            full, index = self._test_source
+            self._x_unlabelled = full.index_select(0, index)
+        return self._x_unlabelled
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of the rows ``idx`` (positions in this node's data)."""
+        if self._x is None and self._source is not None:
+            full, index = self._source
+            return full.index_select(0, index.index_select(0, idx)), self.y.index_select(0, idx)
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def subset(self, idx: torch.Tensor) -> NodeData:
+        """The rows ``idx`` as a node dataset of their own (lazy when this one is)."""
+        if self._x is None and self._source is not None:
+            full, index = self._source
+            return NodeData._lazy(full, index.index_select(0, idx), self.y.index_select(0, idx),
+                                  self._test_source, self._x_unlabelled)
+        return NodeData(self.x.index_select(0, idx), self.y.index_select(0, idx), self.x_unlabelled)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,18 @@ class LocalSGD:
     def __call__(
         self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
     ) -> ClientResult:
+        return self.train(model, start, data, state, ctx, lambda logits, y: self.loss(logits, y, state))
+
+    def train(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> ClientResult:
+        """The local SGD loop on ``loss_fn(logits, targets)``; returns ``start - local``."""
         n = len(data)
         if n == 0:
             return ClientResult(torch.zeros_like(start), state, {}, 0)
@@ -102,11 +115,10 @@ class LocalSGD:
         correct = 0
         seen = 0
         for idx in self._batches(n, gen):
-            xb = data.x.index_select(0, idx)
-            yb = data.y.index_select(0, idx)
+            xb, yb = data.take(idx)
             grad.zero_()
             logits = module(xb)
-            loss = self.loss(logits, self.targets(logits.detach(), yb, aux), state)
+            loss = loss_fn(logits, self.targets(logits.detach(), yb, aux))
             loss.backward()
             with torch.no_grad():
                 if self.weight_decay:
@@ -184,8 +196,7 @@ class WorkerMomentum(LocalSGD):
         if n == 0:
             return ClientResult(torch.zeros_like(start), {"momentum": m}, {}, 0)
         idx = next(self._batches(n, ctx.generator()))
-        xb = data.x.index_select(0, idx)
-        yb = data.y.index_select(0, idx)
+        xb, yb = data.take(idx)
         flat, grad = model.flat, model.flat_grad
         grad.zero_()
         logits = model.module(xb)

@@ -67,7 +67,7 @@ def test_default_run_shows_progress(tmp_path):
         (["dataset=cifar10", "dataset.root=/nonexistent/fedsim", "dataset.download=false"], "/nonexistent/fedsim"),
         (["model=cnn"], "too small"),
         (["strategy.client.lr=0"], "client lr=0 must be > 0"),
-        (["partition=vrls_5clients"], "set num_nodes=5"),
+        (["partition=vrls_5clients", "num_nodes=7"], "set num_nodes=5"),
         (["byzantine.num=30"], "byzantine.num=30 exceeds num_nodes=20"),
         (["attack=sign_flip"], "needs faulty nodes; set byzantine.num >= 1"),
         (["strategy=robust", "attack=alie", "byzantine.num=5"], "trimmed_mean needs 2f < n, but f=5 and n=10"),
@@ -148,3 +148,28 @@ def test_wandb_offline_run_is_written_with_names_for_comparison(tmp_path):
         if r.WhichOneof("record_type") == "history":
             logged |= {i.key or "/".join(i.nested_key) for i in r.history.item}
     assert {"round", "eval/acc", "train/loss", "comm/bytes_up"} <= logged
+
+
+def test_vrls_headline_command_on_cifar10_files(tmp_path):
+    """`python -m fedsim strategy=vrls dataset=cifar10` runs every phase (on small files in the
+    standard CIFAR-10 layout with every class present; the real set needs the network here)."""
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        entry = {"data": rng.integers(0, 256, (40, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(40)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh)
+    run = fedsim("strategy=vrls", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.download=false",
+                 "strategy.predictor_rounds=3", "strategy.calibration_rounds=2", "rounds=2", "cluster=local",
+                 "logger=jsonl", f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    rounds = [r for r in records[1:-1]]
+    assert [r["vrls/phase"] for r in rounds] == [0, 0, 0, 1, 1, 2, 3, 3]
+    assert records[0]["config"]["num_nodes"] == 5 and records[-1]["rounds"] == 8
+    assert "eval/node_acc_mean" in records[-1] and "vrls/ratio_mse_mean" in rounds[6]

@@ -66,7 +66,9 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
     elif group == "strategy":
         strat = make(node)
-        state = init_strategy(strat, torch.zeros(3), sizes=np.ones(20, dtype=np.int64), participation_probs=np.full(20, 0.5))
+        counts = np.full((20, 10), 5)
+        state = init_strategy(strat, torch.zeros(200), sizes=np.ones(20, dtype=np.int64), participation_probs=np.full(20, 0.5),
+                              train_label_counts=counts, test_label_counts=counts)
         assert callable(strat.client) and state is not None
     elif group == "attack":
         if option == "none":

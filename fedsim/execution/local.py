@@ -17,14 +17,17 @@ class LocalExecutor:
     def __init__(self, spec: WorkerSpec, data: FederatedData) -> None:
         self.spec = spec
         ds = data.dataset
-        self.worker = NodeWorker(spec, ds.x_train, ds.y_train, data.partition.train)
+        test = (ds.x_test, data.partition.test) if spec.unlabelled else (None, None)
+        self.worker = NodeWorker(spec, ds.x_train, ds.y_train, data.partition.train, *test)
         self.num_workers = 1
         self.description = "local (in-process)"
 
-    def run_round(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run_round(
+        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+    ) -> RoundResult:
         threads = torch.get_num_threads()
         try:
-            return RoundResult.merge([self.worker.run(params, round_, list(tasks))])
+            return RoundResult.merge([self.worker.run(params, round_, list(tasks), broadcast)])
         finally:
             torch.set_num_threads(threads)
 

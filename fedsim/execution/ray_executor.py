@@ -82,8 +82,9 @@ class RayExecutor:
         self.sizes = [len(ix) for ix in data.partition.train]
         ds = data.dataset
         x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
+        test = (ray.put(ds.x_test), list(data.partition.test)) if spec.unlabelled else (None, None)
         actor_cls = ray.remote(num_cpus=1, max_restarts=0)(NodeWorker)
-        self.actors = [actor_cls.remote(spec, x_ref, y_ref, list(data.partition.train)) for _ in range(n)]
+        self.actors = [actor_cls.remote(spec, x_ref, y_ref, list(data.partition.train), *test) for _ in range(n)]
         try:
             self.nodes = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -93,14 +94,16 @@ class RayExecutor:
         self.num_workers = n
         self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s))"
 
-    def run_round(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run_round(
+        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+    ) -> RoundResult:
         import ray
 
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
         plan = assign_lpt(tasks, work, self.num_workers)
         params_ref = ray.put(params)
         futures = [
-            (actor, part, actor.run.remote(params_ref, round_, part))
+            (actor, part, actor.run.remote(params_ref, round_, part, broadcast))
             for actor, part in zip(self.actors, plan)
             if part
         ]

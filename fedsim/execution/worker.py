@@ -26,6 +26,8 @@ class WorkerSpec:
     client_update: Callable
     seed: int
     threads: int = 1
+    unlabelled: bool = False
+    """Whether nodes also get their own test inputs, without labels (``NodeData.x_unlabelled``)."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,30 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-class NodeWorker:
-    """Hosts nodes whose training data are rows ``index[node]`` of shared arrays ``x``, ``y``."""
+def _index(index: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(ix, dtype=np.int64)) for ix in index]
 
-    def __init__(self, spec: WorkerSpec, x: np.ndarray, y: np.ndarray, index: Sequence[np.ndarray]) -> None:
+
+class NodeWorker:
+    """Hosts nodes whose training data are rows ``index[node]`` of shared arrays ``x``, ``y``,
+    and, when the spec asks for them, whose unlabelled test inputs are rows
+    ``test_index[node]`` of ``x_test`` (test labels are never shipped to a worker)."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        x: np.ndarray,
+        y: np.ndarray,
+        index: Sequence[np.ndarray],
+        x_test: np.ndarray | None = None,
+        test_index: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.spec = spec
         self.x = _as_tensor(x)
         self.y = _as_tensor(y)
-        self.index = [torch.from_numpy(np.ascontiguousarray(ix, dtype=np.int64)) for ix in index]
+        self.index = _index(index)
+        self.x_test = _as_tensor(x_test) if x_test is not None else None
+        self.test_index = _index(test_index) if test_index is not None else None
         self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)))
 
     def ready(self) -> str:
@@ -109,10 +127,12 @@ class NodeWorker:
         return "local"
 
     def node_data(self, node_id: int) -> NodeData:
-        ix = self.index[node_id]
-        return NodeData(self.x.index_select(0, ix), self.y.index_select(0, ix))
+        test_ix = self.test_index[node_id] if self.test_index is not None else None
+        return NodeData.rows(self.x, self.y, self.index[node_id], self.x_test, test_ix)
 
-    def run(self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask]) -> RoundResult:
+    def run(
+        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+    ) -> RoundResult:
         import time
 
         torch.set_num_threads(self.spec.threads)
@@ -120,7 +140,7 @@ class NodeWorker:
         t0 = time.perf_counter()
         for task in tasks:
             ctx = ClientContext(round_ if task.round is None else task.round, task.node_id, self.spec.seed,
-                                self.spec.num_classes)
+                                self.spec.num_classes, broadcast)
             start = task.start if task.start is not None else params
             if start is None:
                 raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")

@@ -34,6 +34,19 @@ def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
     )
 
 
+def broadcast_bytes(extra: dict[str, Any] | None) -> int:
+    """Downlink bytes of a strategy's broadcast: 4 per number (float32), 1 per other entry."""
+    if not extra:
+        return 0
+    total = 0
+    for value in extra.values():
+        if value is None:
+            continue
+        arr = np.asarray(value)
+        total += 4 * arr.size if arr.dtype.kind in "biuf" else 1
+    return total
+
+
 def _weighted_node_metrics(batch: UpdateBatch) -> dict[str, float]:
     w = batch.num_examples.to(torch.float64)
     out = {}
@@ -85,8 +98,9 @@ class SyncServer:
         if self.eval_every < 0:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
 
-    def is_eval_round(self, t: int) -> bool:
-        return t == self.rounds - 1 or (self.eval_every > 0 and (t + 1) % self.eval_every == 0)
+    def is_eval_round(self, t: int, total: int | None = None) -> bool:
+        last = (self.rounds if total is None else total) - 1
+        return t == last or (self.eval_every > 0 and (t + 1) % self.eval_every == 0)
 
     def run(
         self,
@@ -104,15 +118,18 @@ class SyncServer:
         byzantine = byzantine if byzantine is not None else Byzantine()
         defence_of = getattr(strategy, "defence", None)
         last_eval: dict[str, object] = {}
-        while state.round < self.rounds:
+        # a phased strategy (VRLS) runs its earlier phases before the `rounds` training rounds
+        total = self.rounds + int(getattr(strategy, "pre_rounds", 0))
+        while state.round < total:
             t = state.round
             t0 = time.perf_counter()
             ids = participation(t, self.num_nodes, self.nodes_per_round, np_rng(self.seed, "sample", t))
             ids = [int(i) for i in ids]
             byz_ids = [i for i in ids if i in byzantine.ids]
             tasks = [NodeTask(i, state.node_states.get(i)) for i in ids if byzantine.trains(i)]
+            extra = strategy.broadcast(state.strategy_state) if hasattr(strategy, "broadcast") else None
             if tasks:
-                result = executor.run_round(state.params, t, tasks)
+                result = executor.run_round(state.params, t, tasks, *([extra] if extra is not None else []))
             else:
                 d0 = int(state.params.numel())
                 result = RoundResult([], torch.zeros(0, d0, dtype=state.params.dtype), [], [], [])
@@ -144,7 +161,7 @@ class SyncServer:
             d = int(params.numel())
             totals = dict(state.totals)
             up = int(batch.bytes_up.sum())
-            down = len(tasks) * d * params.element_size()
+            down = len(tasks) * (d * params.element_size() + broadcast_bytes(extra))
             totals["bytes_up"] = totals.get("bytes_up", 0) + up
             totals["bytes_down"] = totals.get("bytes_down", 0) + down
             samples = sum(strategy.client.work(n) for n in result.num_examples)
@@ -163,7 +180,7 @@ class SyncServer:
                 "comm/bytes_down_total": totals["bytes_down"],
                 "time/train_s": train_s,
             }
-            if evaluator is not None and self.is_eval_round(t):
+            if evaluator is not None and self.is_eval_round(t, total):
                 t1 = time.perf_counter()
                 last_eval = evaluator(params)
                 metrics.update(last_eval)

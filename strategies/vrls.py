@@ -1,0 +1,481 @@
+"""VRLS: label-shift correction across and within nodes by density-ratio reweighting
+(Z. Wu, C. Choi, X. Cao, V. Cevher, A. Ramezani-Kebrya, *Addressing Label Shift in Distributed
+Learning via Entropy Regularization*, ICLR 2025, arXiv 2502.02544; shared/specs/vrls.md).
+
+One run executes the whole pipeline as consecutive phases of the ordinary synchronous round loop.
+The server tells the nodes which phase it is in through the strategy's ``broadcast`` (a few
+numbers next to the model); nodes answer in their message row. Raw data, labels of test data and
+logits never leave a node.
+
+1. ``predictor`` (``predictor_rounds`` rounds): train the predictor federatedly on each node's
+   training data minus a held-out ``holdout`` fraction, with the entropy-regularised loss
+   CE − ζ H(f) (VRLS; ζ = 0 for MLLS and BBSE).
+2. ``calibrate`` (``calibration_rounds`` rounds): temperature scaling (``ts``; ``bcts`` adds class
+   biases) fitted by Newton's method on the NLL of the pooled held-out data. Every node reports
+   the sums of the NLL, its gradient and Hessian at the broadcast θ (1 + P + P² numbers); the
+   server adds them and steps. With the first report a node also sends its label counts (C
+   numbers) and the confusion counts of its hard predictions on the held-out data (C², for
+   BBSE). The pooled counts give the predictor's source prior π ("option A" of the spec: one
+   global predictor).
+3. ``estimate`` (until every node has reported): node j estimates its test label marginal q̂_j
+   from its own unlabelled test inputs (``test_sample`` of them, or all): EM (MLLS, Saerens et
+   al. 2002) on the calibrated posteriors for ``vrls`` and ``mlls``, BBSE (Lipton et al. 2018)
+   with the pooled confusion matrix for ``bbse``. It sends q̂_j (C numbers). The server pools
+   the target p̂_te = Σ_j λ_j q̂_j (λ_j ∝ the node's test sample size, or 1/K with
+   ``pool=uniform``).
+4. ``train`` (the remaining rounds): IW-ERM. The model restarts from the initial parameters
+   (``restart``; the code trains its IW-ERM model from scratch) and node k weights each example
+   by r̂_k(y) = p̂_te(y) / π_k(y), π_k its own label marginal with a pseudo-count floor.
+
+Estimators (``estimator``): ``vrls`` (ζ > 0, calibrated, EM), ``mlls`` (ζ = 0), ``bbse``,
+``oracle`` (IW-ERM with the true pooled test marginal, which the simulator knows; skips 1-3) and
+``none`` (the same training without weights: FedAvg/FedSGD; skips 1-3).
+
+Two training forms (``client.form``): ``fedsgd``, as the paper's code: each node sends the gradient
+of its weighted loss on one minibatch, the server averages the gradients with equal weights and
+takes an Adam step (lr 1e-3, weight decay 1e-6); ``local``: the weighted loss inside FedAvg's
+local SGD (the spec's natural generalisation), with the server's SGD step of lr 1.
+
+Departures and unverified parts, in the spec's words where it is silent:
+- the predictor is trained federatedly here; the paper's notebook fine-tunes it centrally;
+- the released code's EM routine is not shipped; this EM is the standard Saerens et al. one,
+  with the training prior π (the code's LeNet path passes a test-prediction marginal, which the
+  spec calls a probable bug);
+- the paper's tables were not available, so no number here is checked against them.
+
+Metrics (when the pooled target is formed, or at the first training round for ``oracle`` and
+``none``): ``vrls/ratio_mse`` (per node k, the mean over classes of (r̂_k − r_k)², r_k the true
+weight with the same π_k), its ``_min``/``_mean``/``_max``; ``vrls/single_ratio_mse`` (per node
+j, the mean of (q̂_j/π − q_j/π)², the single-node ratio against the predictor's prior);
+``vrls/marginal_l1`` (||q̂_j − q_j||_1). Every round: ``vrls/phase`` (0 predictor, 1 calibrate,
+2 estimate, 3 train); in calibration ``vrls/calib_nll`` and ``vrls/temperature``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedsim.errors import ConfigError
+from fedsim.params import FlatModel
+from fedsim.seeding import np_rng
+from fedsim.types import ClientContext, ClientResult, NodeData, NodeState, RoundInfo, UpdateBatch
+from strategies import label_shift as ls
+from strategies.aggregators import Mean
+from strategies.client import LocalSGD
+from strategies.fedavg import FedAvg
+from strategies.server_opt import ServerAdam, ServerSGD
+
+ESTIMATORS = ("vrls", "mlls", "bbse", "oracle", "none")
+PHASES = ("predictor", "calibrate", "estimate", "train")
+FORMS = ("fedsgd", "local")
+NORMALIZE = ("none", "batch")
+POOL = ("size", "uniform")
+
+
+def _pack(values: np.ndarray, d: int) -> torch.Tensor:
+    """A small report in the first entries of a d-vector message row (the rest zero)."""
+    out = torch.zeros(d, dtype=torch.float32)
+    out[: len(values)] = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.float32)
+    return out
+
+
+class VRLSClient(LocalSGD):
+    """The node side of `VRLS`: what a node does depends on the phase in ``ctx.server``.
+
+    Options used at the node: ``form`` (``fedsgd``: one gradient of ``batch_size`` examples per
+    round; ``local``: LocalSGD's epochs or steps with ``lr``), ``holdout`` (fraction of the
+    training data kept out of predictor training for calibration and BBSE's confusion matrix,
+    drawn from (seed, "vrls-holdout", node)), ``test_sample`` (number of unlabelled test inputs the
+    estimate uses, drawn from (seed, "vrls-test", node); null: all), ``prior_floor`` (pseudo-count ε
+    in π_k = (counts + ε)/(n + Cε)), ``ratio_cap`` (clip weights at this value; null: no cap) and
+    ``normalize`` (``none``: Σ r ℓ / B as the code; ``batch``: Σ r ℓ / Σ r, self-normalised,
+    which changes the effective step size), ``em_tol`` and ``em_max_iter``.
+    """
+
+    uses_unlabelled = True
+
+    def __init__(
+        self,
+        *,
+        form: str = "fedsgd",
+        holdout: float = 0.1,
+        test_sample: int | None = None,
+        prior_floor: float = 1.0,
+        ratio_cap: float | None = None,
+        normalize: str = "none",
+        em_tol: float = 1e-6,
+        em_max_iter: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if form not in FORMS:
+            raise ConfigError(f"vrls client form={form!r} must be one of {', '.join(FORMS)}")
+        if not 0.0 < holdout < 1.0:
+            raise ConfigError(f"vrls client holdout={holdout} must be in (0, 1)")
+        if test_sample is not None and test_sample < 1:
+            raise ConfigError(f"vrls client test_sample={test_sample} must be >= 1 or null (all)")
+        if prior_floor < 0:
+            raise ConfigError(f"vrls client prior_floor={prior_floor} must be >= 0 (a pseudo-count)")
+        if ratio_cap is not None and ratio_cap <= 0:
+            raise ConfigError(f"vrls client ratio_cap={ratio_cap} must be > 0 or null")
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"vrls client normalize={normalize!r} must be one of {', '.join(NORMALIZE)}")
+        if em_max_iter < 1 or em_tol <= 0:
+            raise ConfigError("vrls client needs em_max_iter >= 1 and em_tol > 0")
+        self.form = form
+        self.holdout = float(holdout)
+        self.test_sample = None if test_sample is None else int(test_sample)
+        self.prior_floor = float(prior_floor)
+        self.ratio_cap = None if ratio_cap is None else float(ratio_cap)
+        self.normalize = normalize
+        self.em_tol = float(em_tol)
+        self.em_max_iter = int(em_max_iter)
+
+    def work(self, num_examples: int) -> int:
+        if self.form == "fedsgd":
+            return min(self.batch_size, num_examples)
+        return super().work(num_examples)
+
+    # -- data splits ---------------------------------------------------------------------------
+
+    def split(self, n: int, ctx: ClientContext) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held-out) indices of the node's n training examples, fixed for the run."""
+        perm = np_rng(ctx.seed, "vrls-holdout", ctx.node_id).permutation(n)
+        n_val = min(max(round(self.holdout * n), 1), n - 1) if n > 1 else 0
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def test_inputs(self, data: NodeData, ctx: ClientContext) -> torch.Tensor:
+        x = data.x_unlabelled
+        if x is None:
+            raise ValueError("the VRLS client needs the node's unlabelled test inputs")
+        if self.test_sample is not None and self.test_sample < len(x):
+            pick = np.sort(np_rng(ctx.seed, "vrls-test", ctx.node_id).permutation(len(x))[: self.test_sample])
+            x = x.index_select(0, torch.from_numpy(pick))
+        return x
+
+    def prior(self, y: torch.Tensor, num_classes: int) -> np.ndarray:
+        return ls.smoothed_prior(np.bincount(y.numpy(), minlength=num_classes), self.prior_floor)
+
+    @staticmethod
+    def logits(model: FlatModel, x: torch.Tensor, batch: int = 1024) -> np.ndarray:
+        with torch.inference_mode():
+            out = [model.module(x[i : i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+
+    # -- losses -------------------------------------------------------------------------------
+
+    def weighted_loss(self, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if weights is None:
+            return F.cross_entropy
+
+        def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            w = weights[y]
+            per = F.cross_entropy(logits, y, reduction="none") * w
+            return per.sum() / w.sum() if self.normalize == "batch" else per.mean()
+
+        return loss
+
+    def gradient(self, model: FlatModel, data: NodeData, ctx: ClientContext,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ClientResult:
+        """FedSGD: the gradient of ``loss_fn`` on one minibatch at the received model."""
+        n = len(data)
+        idx = torch.randperm(n, generator=ctx.generator())[: self.batch_size]
+        xb, yb = data.take(idx)
+        model.flat_grad.zero_()
+        logits = model.module(xb)
+        loss = loss_fn(logits, yb)
+        loss.backward()
+        metrics = {"train/loss": float(loss.detach()), "train/acc": int((logits.argmax(1) == yb).sum()) / len(yb)}
+        return ClientResult(model.flat_grad.detach().clone(), None, metrics, n)
+
+    def learn(self, model: FlatModel, start: torch.Tensor, data: NodeData, ctx: ClientContext,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ClientResult:
+        if len(data) == 0:
+            return ClientResult(torch.zeros_like(start), None, {}, 0)
+        if self.form == "fedsgd":
+            return self.gradient(model, data, ctx, loss_fn)
+        return self.train(model, start, data, None, ctx, loss_fn)
+
+    # -- the phases ---------------------------------------------------------------------------
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        b = ctx.server
+        if not b or "phase" not in b:
+            raise ValueError("the VRLS client runs only under strategy=vrls (it needs the server's phase)")
+        phase = b["phase"]
+        d = int(start.numel())
+        c = ctx.num_classes
+        if phase == "predictor":
+            tr, _ = self.split(len(data), ctx)
+            part = data.subset(torch.from_numpy(tr))
+            zeta = float(b["zeta"])
+            return self.learn(model, start, part, ctx, lambda z, y: ls.entropy_regularised_loss(z, y, zeta))
+        if phase == "train":
+            target = b.get("target")
+            weights = None
+            if target is not None:
+                r = ls.class_weights(np.asarray(target), self.prior(data.y, c), cap=self.ratio_cap)
+                weights = torch.from_numpy(r).to(torch.float32)
+            return self.learn(model, start, data, ctx, self.weighted_loss(weights))
+        if phase == "calibrate":
+            _, val = self.split(len(data), ctx)
+            theta = np.asarray(b["theta"], dtype=np.float64)
+            xv, yv = data.take(torch.from_numpy(val))
+            z = self.logits(model, xv)
+            y = yv.numpy()
+            nll, grad, hess = ls.calibration_stats(z, y, theta)
+            confusion = np.zeros((c, c))
+            if len(val):
+                np.add.at(confusion, (z.argmax(1), y), 1.0)
+            counts = np.bincount(data.y.numpy(), minlength=c)
+            report = np.concatenate([counts, confusion.ravel(), [len(val), nll], grad, hess.ravel()])
+            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report))
+        if phase == "estimate":
+            x = self.test_inputs(data, ctx)
+            z = self.logits(model, x)
+            prior = np.asarray(b["prior"], dtype=np.float64)
+            iters = 0
+            if len(x) == 0:
+                q = prior / prior.sum()
+            elif b["method"] == "bbse":
+                mu = np.bincount(z.argmax(1), minlength=c).astype(np.float64)
+                q = ls.bbse_marginal(np.asarray(b["confusion"]), mu, prior)
+            else:
+                probs = ls.softmax(ls.calibrated_logits(z, np.asarray(b["theta"], dtype=np.float64)))
+                q, iters = ls.em_marginal(probs, prior, tol=self.em_tol, max_iter=self.em_max_iter)
+            report = np.concatenate([q, [len(x), iters]])
+            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report))
+        raise ValueError(f"unknown VRLS phase {phase!r}")
+
+
+class VRLS(FedAvg):
+    """The server side of the VRLS pipeline (see the module docstring).
+
+    ``estimator``: vrls | mlls | bbse | oracle | none. ``zeta``: the entropy weight of the predictor
+    (used by ``vrls``; ``mlls`` and ``bbse`` train with ζ = 0). ``predictor_rounds``,
+    ``calibration`` (ts | bcts | none) and ``calibration_rounds`` set phases 1-2; ``pool``
+    (size | uniform) the λ_j of the pooled target; ``restart`` whether IW-ERM starts from the
+    initial model. ``server_lr`` (null: 1e-3 for the Adam step of ``fedsgd``, 1 for the SGD step of
+    ``local``) and ``server_weight_decay`` (Adam's L2 term) set the server step; ``weighted``
+    (null: equal weights for ``fedsgd`` as in the code, example counts for ``local``).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: VRLSClient,
+        estimator: str = "vrls",
+        zeta: float = 0.1,
+        predictor_rounds: int = 500,
+        calibration: str = "ts",
+        calibration_rounds: int = 10,
+        pool: str = "size",
+        restart: bool = True,
+        server_lr: float | None = None,
+        server_weight_decay: float = 1e-6,
+        weighted: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(client, VRLSClient):
+            raise ConfigError("strategy=vrls needs its own client (strategies.vrls.VRLSClient)")
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"strategy.estimator={estimator!r} must be one of {', '.join(ESTIMATORS)}")
+        if calibration not in ls.CALIBRATIONS:
+            raise ConfigError(f"strategy.calibration={calibration!r} must be one of {', '.join(ls.CALIBRATIONS)}")
+        if pool not in POOL:
+            raise ConfigError(f"strategy.pool={pool!r} must be one of {', '.join(POOL)}")
+        if zeta < 0:
+            raise ConfigError(f"strategy.zeta={zeta} must be >= 0")
+        if predictor_rounds < 1 or calibration_rounds < 1:
+            raise ConfigError("strategy.predictor_rounds and strategy.calibration_rounds must be >= 1")
+        fedsgd = client.form == "fedsgd"
+        if server_lr is not None and server_lr <= 0:
+            raise ConfigError(f"strategy.server_lr={server_lr} must be > 0 or null")
+        lr = server_lr if server_lr is not None else (1e-3 if fedsgd else 1.0)
+        server_opt = ServerAdam(lr=lr, weight_decay=server_weight_decay) if fedsgd else ServerSGD(lr=lr)
+        super().__init__(
+            client=client, aggregator=kwargs.pop("aggregator", None) or Mean(), server_opt=server_opt,
+            weighted=(not fedsgd) if weighted is None else bool(weighted), **kwargs,
+        )
+        self.estimator = estimator
+        self.zeta = float(zeta) if estimator == "vrls" else 0.0
+        self.predictor_rounds = int(predictor_rounds)
+        self.calibration = "none" if estimator == "bbse" else calibration
+        self.calibration_rounds = 1 if estimator == "bbse" else int(calibration_rounds)
+        self.pool = pool
+        self.restart = bool(restart)
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    @property
+    def estimates(self) -> bool:
+        return self.estimator in ("vrls", "mlls", "bbse")
+
+    @property
+    def pre_rounds(self) -> int:
+        """Rounds before IW-ERM training when every node takes part in every round."""
+        return self.predictor_rounds + self.calibration_rounds + 1 if self.estimates else 0
+
+    def report_size(self, num_classes: int) -> int:
+        p = ls.num_calibration_params(self.calibration, num_classes)
+        return max(num_classes + num_classes**2 + 2 + p + p * p, num_classes + 2)
+
+    def init(self, params: torch.Tensor, *, train_label_counts: np.ndarray | None = None,
+             test_label_counts: np.ndarray | None = None) -> dict[str, Any]:
+        if train_label_counts is None or test_label_counts is None:
+            raise ConfigError("strategy=vrls needs the run's label counts (build it with fedsim.simulation.build)")
+        train = np.asarray(train_label_counts, dtype=np.float64)
+        test = np.asarray(test_label_counts, dtype=np.float64)
+        k, c = train.shape
+        if self.report_size(c) > params.numel():
+            raise ConfigError(
+                f"the model has {params.numel()} parameters, fewer than the {self.report_size(c)} numbers of a "
+                "VRLS report; use a larger model"
+            )
+        state = super().init(params)
+        state.update(
+            phase="predictor" if self.estimates else "train",
+            phase_round=0,
+            theta=ls.initial_calibration(self.calibration, c),
+            counts=np.zeros(c),
+            confusion=np.zeros((c, c)),
+            counted=np.zeros(k, dtype=bool),
+            q_hat=np.full((k, c), np.nan),
+            sample=np.zeros(k),
+            target=None,
+            true_train=train,
+            true_test=test,
+            pending_report=True,
+        )
+        if self.estimates and self.restart:
+            state["init"] = params.clone()
+        if self.estimator == "oracle":
+            state["target"] = self.pooled(test / np.maximum(test.sum(1, keepdims=True), 1), test.sum(1))
+        return state
+
+    def pooled(self, q: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Σ_j λ_j q_j with λ_j ∝ ``sizes`` (``pool=size``) or 1/K (``pool=uniform``)."""
+        lam = np.asarray(sizes, dtype=np.float64) if self.pool == "size" else np.ones(len(q))
+        lam = lam / lam.sum()
+        return (lam[:, None] * q).sum(0)
+
+    def prior(self, counts: np.ndarray) -> np.ndarray:
+        return ls.smoothed_prior(counts, self.client.prior_floor)
+
+    # -- the two channels ---------------------------------------------------------------------
+
+    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the server sends next to the model this round (a few numbers per phase)."""
+        phase = state["phase"]
+        if phase == "predictor":
+            return {"phase": phase, "zeta": self.zeta}
+        if phase == "calibrate":
+            return {"phase": phase, "theta": state["theta"]}
+        if phase == "estimate":
+            out = {"phase": phase, "method": "bbse" if self.estimator == "bbse" else "em",
+                   "theta": state["theta"], "prior": self.prior(state["counts"])}
+            if self.estimator == "bbse":
+                out["confusion"] = state["confusion"]
+            return out
+        return {"phase": phase, "target": state["target"]}
+
+    def step(
+        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
+    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+        phase = state["phase"]
+        metrics: dict[str, Any] = {"vrls/phase": PHASES.index(phase)}
+        if phase in ("predictor", "train"):
+            params, state, agg = super().step(params, batch, state, info)
+            metrics.update(agg)
+            state = {**state, "phase_round": state["phase_round"] + 1}
+            if phase == "predictor" and state["phase_round"] >= self.predictor_rounds:
+                state = {**state, "phase": "calibrate", "phase_round": 0}
+            if phase == "train" and state["pending_report"]:
+                metrics.update(self.ratio_metrics(state))
+                state = {**state, "pending_report": False}
+            return params, state, metrics
+        c = state["q_hat"].shape[1]
+        reports = batch.messages.to(torch.float64).numpy()
+        ids = batch.node_ids.tolist()
+        if phase == "calibrate":
+            return (params, *self.calibrate_step(state, reports, ids, c, metrics))
+        state = {**state, "q_hat": state["q_hat"].copy(), "sample": state["sample"].copy()}
+        for nid, row in zip(ids, reports):
+            state["q_hat"][nid] = row[:c]
+            state["sample"][nid] = row[c]
+        metrics["vrls/em_iters_max"] = float(max((row[c + 1] for row in reports), default=0.0))
+        if np.isnan(state["q_hat"]).any():
+            return params, state, metrics  # wait until every node has reported
+        state["target"] = self.pooled(state["q_hat"], state["sample"])
+        state.update(phase="train", phase_round=0)
+        if self.restart:
+            params = state.pop("init")
+            state["server_opt"] = self.server_opt.init(params)
+        return params, state, metrics
+
+    def calibrate_step(self, state: dict[str, Any], reports: np.ndarray, ids: list[int], c: int,
+                       metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        p = ls.num_calibration_params(self.calibration, c)
+        counts, confusion, counted = state["counts"].copy(), state["confusion"].copy(), state["counted"].copy()
+        n_val = nll = 0.0
+        grad, hess = np.zeros(p), np.zeros((p, p))
+        for nid, row in zip(ids, reports):
+            if not counted[nid]:
+                counts += row[:c]
+                confusion += row[c : c + c * c].reshape(c, c)
+                counted[nid] = True
+            o = c + c * c
+            n_val += row[o]
+            nll += row[o + 1]
+            grad += row[o + 2 : o + 2 + p]
+            hess += row[o + 2 + p : o + 2 + p + p * p].reshape(p, p)
+        theta = state["theta"]
+        if n_val > 0:
+            metrics["vrls/calib_nll"] = nll / n_val
+            theta = ls.newton_update(theta, grad, hess)
+        if p:
+            metrics["vrls/temperature"] = 1.0 / float(theta[0])
+        rounds = state["phase_round"] + 1
+        new = {**state, "theta": theta, "counts": counts, "confusion": confusion, "counted": counted,
+               "phase_round": rounds}
+        if rounds >= self.calibration_rounds:
+            new.update(phase="estimate", phase_round=0)
+        return new, metrics
+
+    # -- diagnostics (the simulator's truth; never used by the estimate) -----------------------
+
+    def ratio_metrics(self, state: dict[str, Any]) -> dict[str, Any]:
+        train, test = state["true_train"], state["true_test"]
+        q_true = test / np.maximum(test.sum(1, keepdims=True), 1)
+        target_true = self.pooled(q_true, test.sum(1))
+        target = state["target"]
+        cap = self.client.ratio_cap
+        out: dict[str, Any] = {}
+        mse = []
+        for k in range(len(train)):
+            pi_k = self.prior(train[k])
+            r_true = ls.class_weights(target_true, pi_k, cap=cap)
+            r_hat = ls.class_weights(target, pi_k, cap=cap) if target is not None else np.ones_like(r_true)
+            ok = np.isfinite(r_true) & np.isfinite(r_hat)
+            mse.append(float(np.mean((r_hat[ok] - r_true[ok]) ** 2)))
+        out.update(_spread("vrls/ratio_mse", mse))
+        if self.estimates:
+            pi = self.prior(state["counts"])
+            q_hat = state["q_hat"]
+            single = [float(np.mean(((q_hat[j] - q_true[j]) / pi) ** 2)) for j in range(len(q_hat))]
+            out.update(_spread("vrls/single_ratio_mse", single))
+            out.update(_spread("vrls/marginal_l1", [float(np.abs(q_hat[j] - q_true[j]).sum()) for j in range(len(q_hat))]))
+        return out
+
+
+def _spread(key: str, values: list[float]) -> dict[str, Any]:
+    a = np.asarray(values)
+    return {key: [round(v, 8) for v in values], f"{key}_min": float(a.min()), f"{key}_mean": float(a.mean()),
+            f"{key}_max": float(a.max())}
