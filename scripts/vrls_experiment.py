@@ -112,7 +112,9 @@ def summarise(results: list[dict]) -> str:
                 f"| {_cell(single, '.1f')} | {_cell(l1, '.3f')} |")
         lines.append("")
     zs = [r for r in results if r.get("zeta") is not None]
-    if zs:
+    if zs:  # with MLLS (zeta 0) and VRLS (the default 0.1) of the main grid, which ran the same predictor rounds
+        zs += [{**r, "zeta": 0.0} for r in results if r.get("zeta") is None and r["method"] == "MLLS"]
+        zs += [{**r, "zeta": 0.1} for r in results if r.get("zeta") is None and r["method"] == "VRLS"]
         lines += ["### Entropy weight ζ of the predictor (VRLS estimate only)\n",
                   "| dataset | ζ | IW-ERM weight MSE | single-node ratio MSE | marginal L1 |", "|---|---|---|---|---|"]
         for d, name in DATASETS.items():
