@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_util import (
     ROOT,
     experiment_parser,
-    mean_curve,
+    plot_mean_curves,
     pyplot,
     report,
     run_grid,
@@ -104,13 +104,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(6.2 * len(SCENARIOS), 4.6), squeeze=False)
     for ax, sc in zip(axes[0], SCENARIOS):
-        for m in METHODS:
-            rs = [r for r in results if r["scenario"] == sc and r["method"] == m]
-            if not rs:
-                continue
-            x, mean, std = mean_curve(rs, "time/simulated")
-            ax.plot(x, mean, label=f"{m} ({len(rs)} seeds)")
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        groups = [[r for r in results if r["scenario"] == sc and r["method"] == m] for m in METHODS]
+        plot_mean_curves(ax, [(f"{m} ({len(rs)} seeds)", rs, {}) for m, rs in zip(METHODS, groups)], "time/simulated")
         ax.set_title(f"Fashion-MNIST, Dirichlet 0.1, 20 nodes, {sc}")
         ax.set_xlabel("simulated time (slowest node's job = 1)")
         ax.set_ylabel("test accuracy")

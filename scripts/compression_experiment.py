@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_util import (
     ROOT,
     experiment_parser,
-    mean_curve,
+    plot_mean_curves,
     pyplot,
     report,
     run_grid,
@@ -117,14 +117,10 @@ def plot(results: list[dict], out: Path) -> list[Path]:
                                      ("round", "round", "accuracy_vs_rounds.png", False)):
         fig, axes = plt.subplots(1, len(RATIOS), figsize=(6.2 * len(RATIOS), 4.6), squeeze=False)
         for ax, ratio in zip(axes[0], RATIOS):
-            for method in [DENSE, *METHODS]:
-                rs = dense if method == DENSE else [r for r in results if r["ratio"] == ratio and r["method"] == method]
-                if not rs:
-                    continue
-                x, m, s = mean_curve(rs, x_key)
-                style = {"color": "black", "linestyle": "--"} if method == DENSE else {}
-                ax.plot(x, m, label=f"{method} ({len(rs)} seeds)", **style)
-                ax.fill_between(x, m - s, m + s, alpha=0.15, **({"color": "black"} if method == DENSE else {}))
+            groups = [(dense, {"color": "black", "linestyle": "--"})]
+            groups += [([r for r in results if r["ratio"] == ratio and r["method"] == m], {}) for m in METHODS]
+            plot_mean_curves(ax, [(f"{m} ({len(rs)} seeds)", rs, style)
+                                  for m, (rs, style) in zip([DENSE, *METHODS], groups)], x_key)
             if log:
                 ax.set_xscale("log")
             ax.set_title(f"Fashion-MNIST, Dirichlet 0.1, 10 nodes: top-{ratio:.0%}")

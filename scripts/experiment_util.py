@@ -94,6 +94,18 @@ def mean_curve(runs: list[dict], x_key: str, y_key: str = "eval/acc"):
     return xs, ys.mean(0), ys.std(0)
 
 
+def plot_mean_curves(ax, groups: Iterable[tuple[str, list[dict], dict]], x_key: str, y_key: str = "eval/acc") -> None:
+    """On ``ax``, for each ``(label, runs, style)`` group that has runs: its `mean_curve` as a line
+    (matplotlib ``style``, e.g. a colour or marker) with a band of one standard deviation (in the
+    line's colour when the style names one)."""
+    for label, runs, style in groups:
+        if not runs:
+            continue
+        x, mean, std = mean_curve(runs, x_key, y_key)
+        ax.plot(x, mean, label=label, **style)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15, **({"color": style["color"]} if "color" in style else {}))
+
+
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write as PNG (120 dpi) and close ``fig``."""
     import matplotlib.pyplot as plt

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_util import (
     ROOT,
     experiment_parser,
-    mean_curve,
+    plot_mean_curves,
     pyplot,
     report,
     run_grid,
@@ -116,13 +116,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, len(PATTERNS), figsize=(5.6 * len(PATTERNS), 4.4), squeeze=False)
     for ax, pat in zip(axes[0], PATTERNS):
-        for m in METHODS:
-            rs = [r for r in results if r["method"] == m and r["pattern"] == pat]
-            if not rs:
-                continue
-            x, mean, std = mean_curve(rs, "round")
-            ax.plot(x, mean, label=f"{m} ({len(rs)})")
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        groups = [[r for r in results if r["method"] == m and r["pattern"] == pat] for m in METHODS]
+        plot_mean_curves(ax, [(f"{m} ({len(rs)})", rs, {}) for m, rs in zip(METHODS, groups)], "round")
         ax.set_title(f"Fashion-MNIST, 250 nodes, {pat}")
         ax.set_xlabel("round (5 local steps each)")
         ax.set_ylabel("test accuracy")

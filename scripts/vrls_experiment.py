@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_util import (
     ROOT,
     experiment_parser,
+    plot_mean_curves,
     pyplot,
     report,
     run_grid,
@@ -126,6 +127,13 @@ def summarise(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def iw_erm_curve(r: dict) -> dict:
+    """The run with its curve cut to the IW-ERM rounds, numbered from the start of IW-ERM
+    (``iw_round``), so that estimators and baselines line up."""
+    pre = r["pre_rounds"]
+    return {**r, "curve": [{**c, "iw_round": c["round"] - pre} for c in r["curve"] if c["round"] > pre]}
+
+
 def plot(results: list[dict], out: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -136,18 +144,9 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.4), squeeze=False)
     for ax, d in zip(axes[0], datasets):
-        for m in METHODS:
-            rs = [r for r in main if r["dataset"] == d and r["method"] == m]
-            if not rs:
-                continue
-            # IW-ERM rounds only, aligned across methods (the estimators' earlier phases are cut)
-            curves = [[(c["round"] - r["pre_rounds"], c["eval/node_acc_mean"]) for c in r["curve"]
-                       if c["round"] > r["pre_rounds"]] for r in rs]
-            n = min(len(c) for c in curves)
-            x = np.array([p[0] for p in curves[0][:n]])
-            y = np.array([[p[1] for p in c[:n]] for c in curves])
-            ax.plot(x, y.mean(0), marker="o", label=f"{m} ({len(rs)})")
-            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+        groups = [[iw_erm_curve(r) for r in main if r["dataset"] == d and r["method"] == m] for m in METHODS]
+        plot_mean_curves(ax, [(f"{m} ({len(rs)})", rs, {"marker": "o"}) for m, rs in zip(METHODS, groups)],
+                         "iw_round", "eval/node_acc_mean")
         ax.set_title(f"{DATASETS[d]}, 5clients: mean accuracy on the nodes' own test sets")
         ax.set_xlabel("IW-ERM round (FedSGD step)")
         ax.set_ylabel("mean node test accuracy")

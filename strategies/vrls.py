@@ -65,7 +65,6 @@ from fedsim.params import FlatModel
 from fedsim.seeding import np_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState, RoundInfo, UpdateBatch
 from strategies import label_shift as ls
-from strategies.aggregators import Mean
 from strategies.client import LocalSGD
 from strategies.fedavg import FedAvg
 from strategies.server_opt import ServerAdam, ServerSGD
@@ -300,10 +299,8 @@ class VRLS(FedAvg):
             raise ConfigError(f"strategy.server_lr={server_lr} must be > 0 or null")
         lr = server_lr if server_lr is not None else (1e-3 if fedsgd else 1.0)
         server_opt = ServerAdam(lr=lr, weight_decay=server_weight_decay) if fedsgd else ServerSGD(lr=lr)
-        super().__init__(
-            client=client, aggregator=kwargs.pop("aggregator", None) or Mean(), server_opt=server_opt,
-            weighted=(not fedsgd) if weighted is None else bool(weighted), **kwargs,
-        )
+        super().__init__(client=client, server_opt=server_opt,
+                         weighted=(not fedsgd) if weighted is None else bool(weighted), **kwargs)
         self.estimator = estimator
         self.zeta = float(zeta) if estimator == "vrls" else 0.0
         self.predictor_rounds = int(predictor_rounds)
@@ -325,7 +322,7 @@ class VRLS(FedAvg):
 
     def report_size(self, num_classes: int) -> int:
         p = ls.num_calibration_params(self.calibration, num_classes)
-        return max(num_classes + num_classes**2 + 2 + p + p * p, num_classes + 2)
+        return num_classes + num_classes**2 + 2 + p + p * p  # the calibration report; the estimate's is C + 2
 
     def init(self, params: torch.Tensor, *, train_label_counts: np.ndarray | None = None,
              test_label_counts: np.ndarray | None = None) -> dict[str, Any]:

@@ -129,7 +129,7 @@ class SyncServer:
             tasks = [NodeTask(i, state.node_states.get(i)) for i in ids if byzantine.trains(i)]
             extra = strategy.broadcast(state.strategy_state) if hasattr(strategy, "broadcast") else None
             if tasks:
-                result = executor.run_round(state.params, t, tasks, *([extra] if extra is not None else []))
+                result = executor.run_round(state.params, t, tasks, extra)
             else:
                 d0 = int(state.params.numel())
                 result = RoundResult([], torch.zeros(0, d0, dtype=state.params.dtype), [], [], [])
