@@ -186,3 +186,12 @@ def test_lazy_node_data_gathers_the_same_rows():
     sub = lazy.subset(torch.tensor([1, 3]))
     assert torch.equal(sub.x, x[torch.tensor([7, 19])]) and torch.equal(sub.y, y[torch.tensor([7, 19])])
     assert torch.equal(lazy.x, eager.x) and torch.equal(lazy.x_unlabelled, eager.x_unlabelled) and len(lazy) == 5
+
+
+def test_the_entropy_weight_reaches_the_nodes():
+    short = ["strategy.predictor_rounds=20", "strategy.calibration_rounds=2", "rounds=1", "cluster=local"]
+    q = {name: run(*args, *short)[1].strategy_state["q_hat"]
+         for name, args in {"vrls": ["strategy=vrls"], "vrls_zeta0": ["strategy=vrls", "strategy.zeta=0"],
+                            "mlls": ["strategy=vrls_mlls"]}.items()}
+    assert np.array_equal(q["vrls_zeta0"], q["mlls"])  # MLLS is VRLS with zeta = 0, bit for bit
+    assert not np.array_equal(q["vrls"], q["mlls"])  # zeta changed the predictor, hence the estimate
