@@ -151,7 +151,7 @@ class RandK(_Sparse):
         return torch.randperm(int(v.numel()), generator=rng)[:k]
 
 
-class ScaledSign(Compressor):
+class Sign(Compressor):
     """(||v||_1 / d) * sign(v) (delta = ||v||_1^2 / (d ||v||_2^2) >= 1/d); d bits + one float."""
 
     name = "sign"

@@ -21,6 +21,21 @@ def _int(cfg: DictConfig, key: str, *, minimum: int, prefix: str = "") -> int:
     return value
 
 
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """Config group -> chosen option (e.g. ``{"strategy": "fedbuff"}``): from the running Hydra
+    job, or from a config composed with ``return_hydra_config=True``; empty otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    node: Any = None
+    if "hydra" in cfg:
+        node = cfg.hydra.runtime.choices
+    elif HydraConfig.initialized():
+        node = HydraConfig.get().runtime.choices
+    if node is None:
+        return {}
+    return {str(k): str(v) for k, v in node.items() if not str(k).startswith("hydra") and v is not None}
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found in the composed config."""
     for group in GROUPS:

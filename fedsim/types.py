@@ -128,6 +128,9 @@ class ClientResult:
     num_examples: int = 0
     nbytes: int | None = None
     """Bytes the encoded message takes on the wire; None: the dense float32 vector (4 d)."""
+    report: bool = False
+    """A small report (a few numbers in the first entries of the row), not a model update: the
+    uplink never compresses it and error-feedback estimates never absorb it."""
 
 
 @dataclass
@@ -143,6 +146,8 @@ class UpdateBatch:
     base_version: torch.Tensor
     bytes_up: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: bool = False
+    """The rows are small reports (see `ClientResult.report`), not model updates."""
 
     def __len__(self) -> int:
         return int(self.node_ids.shape[0])

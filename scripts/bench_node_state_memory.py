@@ -32,6 +32,17 @@ def rss_gb() -> float:
     return float("nan")
 
 
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor in a nested dict (a node's or the uplink's state)."""
+    import torch
+
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10_000)
@@ -60,13 +71,13 @@ def main() -> None:
     t0 = time.perf_counter()
     state, _ = sim.run()
     seconds = time.perf_counter() - t0
-    held = sum(v.numel() * v.element_size() for s in state.node_states.values() for v in s.values() if torch.is_tensor(v))
+    held = sum(tensor_bytes(s) for s in state.node_states.values())
     out = {
         "nodes": args.nodes, "params": sim.num_params, "feedback": args.feedback,
         "nodes_with_state": len(state.node_states),
         "node_state_gb": held / 1024**3,
         "node_state_bytes_per_node": held / max(1, len(state.node_states)),
-        "server_mirror_mb": sum(v.numel() * v.element_size() for v in state.strategy_state.values() if torch.is_tensor(v)) / 1024**2,
+        "server_mirror_mb": tensor_bytes(state.uplink_state) / 1024**2,
         "rss_before_run_gb": base, "rss_after_run_gb": rss_gb(),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "seconds": seconds,

@@ -1,4 +1,4 @@
-"""The spec's heterogeneous quadratic (shared/specs/econtrol.md, "Reproduction targets"): n = 10
+"""The heterogeneous quadratic of docs/methods/econtrol.md ("Checks"): n = 10
 nodes, f_i = 1/2 ||A_i x - b_i||^2 with A_i 30 x 50 and node-dependent b_i, top-5 of 50, full
 gradients, step 0.2 / L_max, float64. Prints ||grad f|| after each number of steps for naive
 compression, EF14, EF21, EF21-SGDM and EControl (eta 0.05, 0.1, 0.2). The test
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies.compression import EF14, EF21, EF21SGDM, EControl, Naive  # noqa: E402
+from strategies.feedback import EF14, EF21, EF21SGDM, EControl, NoFeedback  # noqa: E402
 from tests.strategies.test_compression import run_quadratic  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", nargs="+", type=int, default=[500, 1000, 2000])
     args = ap.parse_args()
-    rules = {"naive": Naive, "EF14": EF14, "EF21": EF21, "EF21-SGDM 0.1": lambda: EF21SGDM(momentum=0.1),
+    rules = {"naive": NoFeedback, "EF14": EF14, "EF21": EF21, "EF21-SGDM 0.1": lambda: EF21SGDM(momentum=0.1),
              "EControl 0.05": lambda: EControl(eta=0.05), "EControl 0.1": lambda: EControl(eta=0.1),
              "EControl 0.2": lambda: EControl(eta=0.2)}
     print("| rule | " + " | ".join(f"{s} steps" for s in args.steps) + " |")

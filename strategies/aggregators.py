@@ -8,8 +8,8 @@ return the state unchanged), so strategies call all of them the same way.
 Robust rules take ``f``, the number of Byzantine rows the defence *assumes*
 (``byzantine.declared``), which may differ from the number actually present. Unless a docstring
 says otherwise they ignore ``weights`` (robust rules are unweighted, as in ByzFL). Semantics and
-defaults follow ByzFL (LPD-EPFL/byzfl, aggregators.py) as summarised in
-shared/specs/robust_aggregation.md; deviations are stated per rule.
+defaults follow ByzFL (LPD-EPFL/byzfl, aggregators.py), summarised in
+docs/methods/robust_aggregation.md; deviations are stated per rule.
 
 Non-finite rows (an Inf or NaN attack) are handled explicitly: distance-based rules treat them as
 infinitely far from everything, sort-based rules sort them to the ends (NaN counts as largest),
@@ -19,6 +19,7 @@ vector; the conformance suite in tests/strategies/test_aggregators.py checks it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,8 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
 
 
 class Rule:
-    """Common plumbing: the ``aggregate`` form with explicit state and a size check."""
+    """Base of the rules: the contract's ``aggregate`` form (``fedsim.contract.Aggregator``) with
+    explicit state, an initial state and a size check, around a plain ``__call__(U, weights)``."""
 
     f: int = 0
 
@@ -135,7 +137,7 @@ def _nan_last_sort(U: torch.Tensor) -> torch.Tensor:
     return torch.sort(U, dim=0).values
 
 
-class CoordinateMedian(Rule):
+class Median(Rule):
     """Coordinate-wise median (Yin et al. 2018). For even n it is the **average of the two middle
     values** (numpy's convention, and the interpolating ``quantile(0.5)`` of the MoNNA code), not
     torch.median's lower middle value. Robust to f < n/2 rows; ``f`` is only checked."""
@@ -262,7 +264,7 @@ class GeometricMedian(Rule):
         elif self.start == "mean":
             z = X.mean(dim=0)
         else:
-            z = CoordinateMedian()(X, weights)
+            z = Median()(X, weights)
         n = X.shape[0]
         for _ in range(self.iters):
             dist = torch.linalg.vector_norm(X - z, dim=1).to(torch.float64)
@@ -337,8 +339,58 @@ class Meamed(Rule):
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
         _check_matrix(U)
         n = U.shape[0]
-        med = CoordinateMedian()(U, weights)
+        med = Median()(U, weights)
         gap = (U - med).abs().nan_to_num_(nan=float("inf"))
         # Stable sort on the gap: ties keep row order, so the choice is deterministic.
         order = torch.sort(gap, dim=0, stable=True).indices[: n - self.f]
         return torch.gather(U, 0, order).mean(dim=0)
+
+
+class NNA(Rule):
+    """Nearest-neighbour averaging around row ``center`` (ByzFL ``MoNNA(f, idx)``; the MoNNA
+    code's "CVA"): the mean of the n - f rows closest to U[center] in l2, that row included (it is
+    at distance 0). Ties go to the lower row index; non-finite rows are infinitely far. Needs
+    f < n. Unlike the other rules it is *not* permutation invariant: it is defined relative to
+    the centre row (a node's own model in the peer-to-peer loop, where the node's vector is row 0)."""
+
+    def __init__(self, *, f: int = 0, center: int = 0) -> None:
+        self.f = _need_f("nna", f)
+        self.center = int(center)
+
+    def check(self, n: int) -> None:
+        if not self.f < n:
+            raise ConfigError(f"nna needs f < n, but f={self.f} and n={n}; lower byzantine.declared")
+
+    def around(self, U: torch.Tensor, center: int) -> torch.Tensor:
+        _check_matrix(U)
+        n = U.shape[0]
+        k = max(n - self.f, 1)
+        gap = torch.linalg.vector_norm(U - U[center], dim=1).to(torch.float64).nan_to_num(nan=float("inf"))
+        gap[center] = -1.0
+        keep = torch.sort(gap, stable=True).indices[:k]
+        return U.index_select(0, keep).mean(dim=0)
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        return self.around(U, self.center)
+
+
+class FunctionRule(Rule):
+    """A plain function ``(U, weights) -> vector`` as a stateless rule (see `as_rule`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
+        return self.fn(U, weights)
+
+    def __repr__(self) -> str:
+        return f"FunctionRule({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def as_rule(aggregator: Any) -> Rule:
+    """Any aggregator as a `Rule`: rules pass through, plain functions are wrapped."""
+    if isinstance(aggregator, Rule):
+        return aggregator
+    if callable(aggregator):
+        return FunctionRule(aggregator)
+    raise ConfigError(f"aggregator {aggregator!r} is neither a rule nor a function (U, weights) -> vector")

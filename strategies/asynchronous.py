@@ -1,7 +1,7 @@
-"""Server steps for stale updates (``server=async``; shared/specs/async.md, DESIGN.md section 6).
+"""Server steps for stale updates (``server=async``; docs/methods/async.md).
 
 Every node sends m_i = x_sent - y_i (its start model minus its local result). The asynchronous
-server (fedsim/server/async_server.py) decides *when* to aggregate from the strategy's
+server (fedsim/server/async_server.py) decides *when* to aggregate from the strategy's declared
 ``trigger`` and hands the strategy the arrived rows with their ``base_version``; staleness is
 tau_i = version now - base_version_i (server updates since the node's dispatch). The step is
 FedAvg's (any aggregator and pre-aggregator chain, then the server optimiser) with per-row
@@ -15,8 +15,8 @@ which for the mean aggregator are the formulas below (x <- x - lr * direction):
 - **FedBuff** (Nguyen et al., AISTATS 2022): trigger = a buffer of K arrivals, s(tau) =
   1/sqrt(1 + tau), d_i = 1, reduce = mean (G = sum s(tau_i) m_i / K), server lr eta_g.
 - **FedAsync** (Xie et al. 2019): every arrival, x <- (1 - a_t) x + a_t y with
-  a_t = alpha s(tau): ``direction=current`` makes the server send x_now - y instead of
-  x_sent - y; reduce = sum, server lr = alpha. s is constant, polynomial (tau + 1)^-a or hinge
+  a_t = alpha s(tau): ``direction=current`` declares rows=current, so the pipeline hands the
+  step x_now - y instead of x_sent - y; reduce = sum, server lr = alpha. s is constant, polynomial (tau + 1)^-a or hinge
   (1 if tau <= b else 1/(a (tau - b) + 1)). The proximal term rho of the paper's local
   objective is not implemented (rho = 0).
 - **Asynchronous FedAvg** (Fraboni et al., JMLR 2023): every arrival, x <- x - eta_g d_i m_i with
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.contract import RunFacts
 from fedsim.errors import ConfigError
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.fedavg import FedAvg
@@ -56,7 +57,8 @@ def staleness_weight(tau: torch.Tensor, kind: str, a: float = 0.5, b: float = 4.
 
 
 class Buffered(FedAvg):
-    """FedAvg's aggregation of stale, weighted updates; see the module docstring."""
+    """FedAvg's aggregation of stale, weighted updates; see the module docstring. The options
+    `FedBuff`, `FedAsync`, `AsyncFedAvg` and `FedFix` are this class with their defaults."""
 
     def __init__(
         self,
@@ -97,12 +99,14 @@ class Buffered(FedAvg):
         self.importance = importance
         self.direction = direction
         self.reduce = reduce
+        self.declare(servers=frozenset({"async"}), trigger=trigger, buffer=self.buffer, period=self.period,
+                     rows="current" if direction == "current" else "update", linear=False)
 
-    def init(self, params: torch.Tensor, *, sizes: np.ndarray, node_times: np.ndarray | None = None) -> dict[str, Any]:
-        state = super().init(params)
-        sizes = np.asarray(sizes, dtype=np.float64)
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        state = super().init(params, facts)
+        sizes = np.asarray(facts.sizes, dtype=np.float64)
         p = sizes / sizes.sum() if self.weighted and sizes.sum() > 0 else np.full(len(sizes), 1.0 / len(sizes))
-        T = np.ones(len(sizes)) if node_times is None else np.asarray(node_times, dtype=np.float64)
+        T = np.asarray(facts.node_times, dtype=np.float64)
         if self.importance == "time":
             d = (1.0 / T).sum() * T * p
         elif self.importance == "period":
@@ -125,3 +129,19 @@ class Buffered(FedAvg):
         sum_i w_i m_i / k or sum_i w_i m_i for the mean aggregator."""
         total = float(weights.sum())
         return total / len(weights) if self.reduce == "mean" else total
+
+
+class FedBuff(Buffered):
+    """``strategy=fedbuff``: buffer of K arrivals, s(tau) = (1 + tau)^-1/2, mean over the buffer."""
+
+
+class FedAsync(Buffered):
+    """``strategy=fedasync``: every arrival mixes x <- (1 - a_t) x + a_t y (rows=current)."""
+
+
+class AsyncFedAvg(Buffered):
+    """``strategy=async_fedavg``: every arrival steps x <- x - eta_g d_i (x_sent - y)."""
+
+
+class FedFix(Buffered):
+    """``strategy=fedfix``: steps at the times n dt over the arrivals since."""

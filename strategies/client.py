@@ -1,4 +1,4 @@
-"""Client update rules: what a node does with the model it receives."""
+"""Client update rules: what a node does with the model it receives (``fedsim.contract.ClientUpdate``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fedsim.contract import ClientUpdate
 from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 from fedsim.seeding import torch_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
 
 
-class LocalSGD:
+class LocalSGD(ClientUpdate):
     """Local minibatch SGD, returning the pseudo-gradient ``start - local``.
 
     Runs ``epochs`` passes over the node's data (reshuffled each pass), or exactly ``steps``
@@ -22,7 +23,9 @@ class LocalSGD:
     every round) and L2 ``weight_decay``. Batch order comes from the node's own stream
     (seed, "train", round, node_id), so the result does not depend on where the node runs.
 
-    Subclasses change the objective by overriding `loss`.
+    Subclasses change the objective by overriding `loss`, the labels a step trains on by
+    overriding `targets`, and the gradient by overriding `adjust_gradient` (which sees the
+    start model: a proximal term, as strategies/fedprox.py does).
     """
 
     def __init__(
@@ -71,6 +74,10 @@ class LocalSGD:
     def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The labels the step trains on (the node's own by default; FLORAL attacks them)."""
         return y
+
+    def adjust_gradient(self, grad: torch.Tensor, params: torch.Tensor, start: torch.Tensor) -> None:
+        """Change the flat gradient in place before the step (after weight decay). ``params`` is
+        the node's current model, ``start`` the model it received. Default: nothing."""
 
     def _batches(self, n: int, gen: torch.Generator):
         """Yield index tensors of minibatches for this round."""
@@ -123,6 +130,7 @@ class LocalSGD:
             with torch.no_grad():
                 if self.weight_decay:
                     grad.add_(flat, alpha=self.weight_decay)
+                self.adjust_gradient(grad, flat, start)
                 if velocity is not None:
                     velocity.mul_(self.momentum).add_(grad)
                     flat.add_(velocity, alpha=-self.lr)
@@ -215,57 +223,3 @@ class WorkerMomentum(LocalSGD):
             metrics = {"train/loss": float(loss), "train/acc": int((logits.argmax(1) == yb).sum()) / k}
         message = m.clone() if self.step_lr is None else m * self.lr_at(ctx.round)
         return ClientResult(message, {"momentum": m}, metrics, n)
-
-
-class FloralSGD(LocalSGD):
-    """FLORAL-style adversarial training for neural networks (the multi-class extrapolation of
-    shared/specs/floral.md, "Using it as a defence": **ours, not the paper's**). At every local step
-    the node plays the label-flipping attacker against itself before the SGD step:
-
-    1. score the batch by an influence proxy, the analogue of the SVM's dual weight:
-       ``influence="grad_norm"``: ||softmax(z) - onehot(y)||, the exact norm of the per-example loss
-       gradient with respect to the logits z; ``influence="margin"``: the negative margin
-       max_{c != y} z_c - z_y (points near or across the boundary count most);
-    2. keep the 2B most influential examples, B = round(budget * batch size);
-    3. flip B of them drawn uniformly (stream (seed, "client-aux", round, node)) to the strongest
-       wrong class (``flip="strongest"``) or to C - 1 - y (``flip="reverse"``);
-    4. take the step on the attacked batch.
-
-    Composes with any aggregator (it only changes the local objective). Train metrics are measured
-    against the node's own labels.
-    """
-
-    def __init__(self, *, budget: float = 0.1, influence: str = "grad_norm", flip: str = "strongest", **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 <= budget <= 0.5:
-            raise ConfigError(f"floral budget={budget} must be in [0, 0.5] (a fraction of each batch)")
-        if influence not in ("grad_norm", "margin"):
-            raise ConfigError(f"floral influence={influence!r} must be 'grad_norm' or 'margin'")
-        if flip not in ("strongest", "reverse"):
-            raise ConfigError(f"floral flip={flip!r} must be 'strongest' or 'reverse'")
-        self.budget = float(budget)
-        self.influence = influence
-        self.flip = flip
-
-    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The influence proxy of each example (larger = more influential)."""
-        if self.influence == "grad_norm":
-            p = torch.softmax(logits, dim=1)
-            p[torch.arange(len(y)), y] -= 1.0
-            return torch.linalg.vector_norm(p, dim=1)
-        true = logits.gather(1, y[:, None])[:, 0]
-        other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-        return other - true
-
-    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        k = int(round(self.budget * len(y)))
-        if k == 0:
-            return y
-        top = torch.argsort(self.scores(logits, y), descending=True, stable=True)[: 2 * k]
-        chosen = top[torch.randperm(len(top), generator=gen)[:k]]
-        out = y.clone()
-        if self.flip == "reverse":
-            out[chosen] = logits.shape[1] - 1 - y[chosen]
-        else:
-            out[chosen] = logits[chosen].scatter(1, y[chosen, None], float("-inf")).argmax(dim=1)
-        return out

@@ -1,4 +1,4 @@
-"""FedAU and the baselines for unknown participation (shared/specs/fedau.md; S. Wang and M. Ji,
+"""FedAU and the baselines for unknown participation (docs/methods/fedau.md; S. Wang and M. Ji,
 *A Lightweight Method for Tackling Unknown Participation Statistics in Federated Averaging*,
 ICLR 2024, arXiv 2306.03401; the rules below follow the authors' code, github.com/IBM/fedau,
 ``main.py``).
@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.contract import Capabilities, ClientUpdate, RunFacts, ServerOptimizer, Strategy
 from fedsim.errors import ConfigError
 from fedsim.types import RoundInfo, UpdateBatch
-from strategies.protocols import ClientUpdate, ServerOptimizer
 from strategies.server_opt import ServerSGD
 
 WEIGHTINGS = ("adaptive", "average_participating", "average_all", "known_prob", "fedvarp", "mifa")
@@ -78,11 +78,13 @@ def estimator_update(c: np.ndarray, M: np.ndarray, w: np.ndarray, participated: 
     return used, c, M, w
 
 
-class FedAU:
+class FedAU(Strategy):
     """FedAvg with one of the participation weightings above (``weighting``, default FedAU's
-    ``adaptive``), a client update and an SGD server optimiser with lr eta_g."""
+    ``adaptive``), a client update and an SGD server optimiser with lr eta_g. The baselines'
+    options (`AvgParticipating`, `AvgAll`, `KnownProb`, `FedVarp`, `MIFA`) are this class with
+    their weighting fixed. It sees rounds without participants (it counts absences)."""
 
-    accepts_empty = True
+    capabilities = Capabilities(accepts_empty=True, defence=False)
 
     def __init__(
         self,
@@ -100,13 +102,12 @@ class FedAU:
         self.client = client
         self.weighting = weighting
         self.cutoff = None if cutoff is None else int(cutoff)
-        self.server_opt = server_opt if server_opt is not None else ServerSGD()
+        self.server_opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
         self.log_weights_every = int(log_weights_every)
 
-    def init(self, params: torch.Tensor, *, sizes: np.ndarray, participation_probs: np.ndarray | None = None) -> dict[str, Any]:
-        n = len(sizes)
-        if self.weighting == "known_prob" and participation_probs is None:
-            raise ConfigError("strategy weighting=known_prob needs a participation model with known rates")
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        n = len(facts.sizes)
+        participation_probs = facts.participation_probs
         state: dict[str, Any] = {
             "server_opt": self.server_opt.init(params),
             "count": np.zeros(n, dtype=np.int64),
@@ -178,3 +179,50 @@ class FedAU:
         if self.log_weights_every > 0 and (info.round + 1) % self.log_weights_every == 0:
             out["fedau/estimates"] = [float(x) if m > 0 else float("nan") for x, m in zip(w, M)]
         return out
+
+
+
+class _Baseline(FedAU):
+    """A baseline: FedAU's machinery with one weighting fixed."""
+
+    option = ""
+    weighting_name = ""
+
+    def __init__(self, *, weighting: str | None = None, **kwargs: Any) -> None:
+        if weighting is not None and weighting != self.weighting_name:
+            raise ConfigError(
+                f"strategy.weighting={weighting!r} does not fit strategy={self.option} (its weighting is "
+                f"'{self.weighting_name}'); choose any weighting with strategy=fedau strategy.weighting=..."
+            )
+        super().__init__(weighting=self.weighting_name, **kwargs)
+
+
+class AvgParticipating(_Baseline):
+    """``strategy=avg_participating``: the mean over this round's participants (plain FedAvg)."""
+
+    option, weighting_name = "avg_participating", "average_participating"
+
+
+class AvgAll(_Baseline):
+    """``strategy=avg_all``: the participants' sum divided by all N nodes."""
+
+    option, weighting_name = "avg_all", "average_all"
+
+
+class KnownProb(_Baseline):
+    """``strategy=known_prob``: the oracle, each participant divided by its true rate p_n, over N."""
+
+    option, weighting_name = "known_prob", "known_prob"
+
+
+class FedVarp(_Baseline):
+    """``strategy=fedvarp`` (Jhunjhunwala et al. 2022): variance reduction with every node's last
+    update stored on the server (N d memory)."""
+
+    option, weighting_name = "fedvarp", "fedvarp"
+
+
+class MIFA(_Baseline):
+    """``strategy=mifa`` (Gu et al. 2021): the mean of every node's last update (N d memory)."""
+
+    option, weighting_name = "mifa", "mifa"

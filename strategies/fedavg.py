@@ -1,24 +1,25 @@
-"""Server-side aggregation strategies: FedAvg (McMahan et al. 2017), FedAvgM (Hsu et al. 2019),
-and robust D-SGD (a robust aggregator, optionally behind a chain of pre-aggregators, applied to
-the nodes' messages; with the ``WorkerMomentum`` client this is the worker-momentum D-SGD that
-ByzFL benchmarks, shared/specs/robust_aggregation.md section 1a)."""
+"""FedAvg (McMahan et al. 2017) and FedAvgM (Hsu et al. 2019): the server aggregates the nodes'
+messages (any aggregator, optionally behind a chain of pre-aggregators) and hands the result to
+a server optimiser. Most server strategies build on it (strategies/robust.py, fedprox.py,
+floral.py, asynchronous.py, vrls.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from fedsim.contract import Capabilities, ClientUpdate, Defence, RunFacts, ServerOptimizer, Strategy
 from fedsim.seeding import torch_rng
 from fedsim.types import RoundInfo, UpdateBatch
-from strategies.aggregators import Mean
+from strategies.aggregators import Mean, as_rule
 from strategies.preaggregators import build_chain
-from strategies.protocols import Aggregator, ClientUpdate, ServerOptimizer
 from strategies.server_opt import ServerSGD
 
 
-class FedAvg:
+class FedAvg(Strategy):
     """Nodes run ``client`` (local SGD by default) and send ``start - local``; the server
     aggregates the messages (sample-weighted ``Mean`` by default, weights = examples per node)
     and hands the result to ``server_opt`` (SGD, lr 1: the new model is the weighted average of
@@ -27,37 +28,42 @@ class FedAvg:
     ``preaggregators`` (names or configs, see strategies.preaggregators.build_chain) run before
     the aggregator, with the stream (seed, "preagg", round) for the random ones (bucketing). An
     aggregator with explicit state (centered clipping) keeps it in ``state["aggregator"]``.
+    With the plain mean and no pre-aggregator the step is ``linear`` (`Capabilities`).
     """
 
     def __init__(
         self,
         *,
         client: ClientUpdate,
-        aggregator: Aggregator | None = None,
+        aggregator: Any = None,
         server_opt: ServerOptimizer | None = None,
         weighted: bool = True,
         preaggregators: Sequence[Any] | None = None,
         f: int = 0,
     ) -> None:
         self.client = client
-        self.aggregator = aggregator if aggregator is not None else Mean()
-        self.server_opt = server_opt if server_opt is not None else ServerSGD()
+        self.aggregator = as_rule(aggregator) if aggregator is not None else Mean()
+        self.server_opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
         self.weighted = bool(weighted)
         self.f = int(f)
         self.preaggregators = build_chain(preaggregators, f=self.f)
+        linear = isinstance(self.aggregator, Mean) and not self.preaggregators
+        self.capabilities = Capabilities(linear=linear, weighted=self.weighted)
 
-    def check(self, n: int) -> None:
-        """Raise ConfigError if the pre-aggregators and aggregator cannot take n rows."""
+    def declare(self, **changes: Any) -> None:
+        """Change some of this strategy's declared capabilities (subclasses)."""
+        self.capabilities = replace(self.capabilities, **changes)
+
+    def check(self, rows: int) -> None:
+        """Raise ConfigError if the pre-aggregators and aggregator cannot take this many rows."""
+        n = rows
         for pre in self.preaggregators:
-            if hasattr(pre, "check"):
-                pre.check(n)
-            n = pre.out_rows(n) if hasattr(pre, "out_rows") else n
-        if hasattr(self.aggregator, "check"):
-            self.aggregator.check(n)
+            pre.check(n)
+            n = pre.out_rows(n)
+        self.aggregator.check(n)
 
-    def init(self, params: torch.Tensor) -> dict[str, Any]:
-        agg_init = getattr(self.aggregator, "init", None)
-        return {"server_opt": self.server_opt.init(params), "aggregator": agg_init() if agg_init else {}}
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        return {"server_opt": self.server_opt.init(params), "aggregator": self.aggregator.init()}
 
     def aggregate(
         self, U: torch.Tensor, weights: torch.Tensor, state: dict[str, Any], rng: torch.Generator | None
@@ -65,9 +71,7 @@ class FedAvg:
         """Pre-aggregator chain, then the aggregator: ``(U, weights, state) -> (vector, state)``."""
         for pre in self.preaggregators:
             U, weights = pre(U, weights, rng=rng)
-        if hasattr(self.aggregator, "aggregate"):
-            return self.aggregator.aggregate(U, weights, state)
-        return self.aggregator(U, weights), state
+        return self.aggregator.aggregate(U, weights, state)
 
     def _weights(self, batch: UpdateBatch) -> torch.Tensor:
         weights = batch.num_examples.to(torch.float64)
@@ -82,7 +86,7 @@ class FedAvg:
         normalised; subclasses whose step is an unnormalised weighted sum scale it back."""
         return None
 
-    def defence(self, state: dict[str, Any], info: RoundInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+    def defence(self, state: dict[str, Any], info: RoundInfo) -> Defence:
         """The aggregation as the attacker sees it (for optimal attacks): same chain, same state,
         same round stream, equal weights; it never changes the strategy's state."""
         agg_state = state.get("aggregator", {})
@@ -108,10 +112,3 @@ class FedAvg:
             metrics["agg/weight_sum"] = float(weights.sum())
         return new_params, {**state, "server_opt": opt_state, "aggregator": agg_state}, metrics
 
-
-class RobustDSGD(FedAvg):
-    """Byzantine-robust D-SGD: FedAvg's loop with unweighted robust aggregation by default (robust
-    rules treat every row alike, as in ByzFL). Configure with ``strategy=robust``."""
-
-    def __init__(self, *, weighted: bool = False, **kwargs: Any) -> None:
-        super().__init__(weighted=weighted, **kwargs)

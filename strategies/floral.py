@@ -1,8 +1,9 @@
 """FLORAL (Bal, Cevher & Muehlebach, "Adversarial Training for Defense Against Label Poisoning
 Attacks", ICLR 2025, arXiv 2502.17121): a kernel SVM trained against a label-flipping attacker,
-as a game solved by alternating one attacker move with one projected-gradient step on the dual.
-Checked against shared/specs/floral.md, which was written from the authors' code
-(melisilaydabal/floral: ``svm_opt.py``, ``player_flip.py``, ``experiment.py``).
+as a game solved by alternating one attacker move with one projected-gradient step on the dual,
+and its extrapolation to federated neural networks (`Floral`, `FloralSGD`). Method notes, written
+from the authors' code (melisilaydabal/floral: ``svm_opt.py``, ``player_flip.py``,
+``experiment.py``): docs/methods/floral.md.
 
 Notation: binary labels y in {-1, +1} (possibly already poisoned), RBF kernel
 K_ij = exp(-gamma ||x_i - x_j||^2), dual variables lambda, box constant C. With attacked labels
@@ -15,23 +16,28 @@ t >= 1: one PGD step lambda <- P(lambda - lr (Q(y~) lambda - 1)) onto the feasib
 *current* attacked labels, then the attacker's next move. The projection is exact: the KKT
 conditions give lambda(mu) = clip(lambda_hat - mu y~, 0, C) with y~^T lambda(mu) = 0, and since
 y~^T lambda(mu) is non-increasing in mu, mu is found by bisection (the code's damped fixed-point
-iteration solves the same equation; the spec recommends bisection). The attacker takes the
+iteration solves the same equation; bisection is exact and never oscillates). The attacker takes the
 support vectors (lambda > sv_tol), keeps the 2B with the largest lambda, and flips B of them drawn
 uniformly, always relative to the given labels (flips are not cumulative). The bias is computed
-from the same lambda and the same attacked labels as the decision function (the spec's pitfall).
+from the same lambda and the same attacked labels as the decision function (computing it from
+other labels is an easy mistake that silently changes the classifier).
 
-Deviations, stated: constant learning rate (the code's intended decay never takes effect, see the
-spec); the projection runs only when lambda_hat is infeasible beyond a tolerance of 1e-9 (the
-code tests exact equality).
+Deviations, stated: constant learning rate (the code's intended decay never takes effect, see
+docs/methods/floral.md); the projection runs only when lambda_hat is infeasible beyond a tolerance
+of 1e-9 (the code tests exact equality).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 from fedsim.errors import ConfigError
+from strategies.client import LocalSGD
+from strategies.fedavg import FedAvg
 
 
 def rbf_kernel(X: np.ndarray, Y: np.ndarray, gamma: float) -> np.ndarray:
@@ -190,3 +196,69 @@ def floral(
     if rounds > 1:
         y_last[flips[-1]] *= -1.0
     return FloralResult(_model(X, lam, y_last, K, C, gamma, tol), _model(X, lam, y, K, C, gamma, tol), lam, flips, history)
+
+
+class FloralSGD(LocalSGD):
+    """FLORAL-style adversarial training for neural networks (our multi-class extrapolation of the
+    paper's game, docs/methods/floral.md: **ours, not the paper's**). At every local step
+    the node plays the label-flipping attacker against itself before the SGD step:
+
+    1. score the batch by an influence proxy, the analogue of the SVM's dual weight:
+       ``influence="grad_norm"``: ||softmax(z) - onehot(y)||, the exact norm of the per-example loss
+       gradient with respect to the logits z; ``influence="margin"``: the negative margin
+       max_{c != y} z_c - z_y (points near or across the boundary count most);
+    2. keep the 2B most influential examples, B = round(budget * batch size);
+    3. flip B of them drawn uniformly (stream (seed, "client-aux", round, node)) to the strongest
+       wrong class (``flip="strongest"``) or to C - 1 - y (``flip="reverse"``);
+    4. take the step on the attacked batch.
+
+    Composes with any aggregator (it only changes the local objective). Train metrics are measured
+    against the node's own labels.
+    """
+
+    def __init__(self, *, budget: float = 0.1, influence: str = "grad_norm", flip: str = "strongest",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= budget <= 0.5:
+            raise ConfigError(f"floral budget={budget} must be in [0, 0.5] (a fraction of each batch)")
+        if influence not in ("grad_norm", "margin"):
+            raise ConfigError(f"floral influence={influence!r} must be 'grad_norm' or 'margin'")
+        if flip not in ("strongest", "reverse"):
+            raise ConfigError(f"floral flip={flip!r} must be 'strongest' or 'reverse'")
+        self.budget = float(budget)
+        self.influence = influence
+        self.flip = flip
+
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The influence proxy of each example (larger = more influential)."""
+        if self.influence == "grad_norm":
+            p = torch.softmax(logits, dim=1)
+            p[torch.arange(len(y)), y] -= 1.0
+            return torch.linalg.vector_norm(p, dim=1)
+        true = logits.gather(1, y[:, None])[:, 0]
+        other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+        return other - true
+
+    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        k = int(round(self.budget * len(y)))
+        if k == 0:
+            return y
+        top = torch.argsort(self.scores(logits, y), descending=True, stable=True)[: 2 * k]
+        chosen = top[torch.randperm(len(top), generator=gen)[:k]]
+        out = y.clone()
+        if self.flip == "reverse":
+            out[chosen] = logits.shape[1] - 1 - y[chosen]
+        else:
+            out[chosen] = logits[chosen].scatter(1, y[chosen, None], float("-inf")).argmax(dim=1)
+        return out
+
+
+class Floral(FedAvg):
+    """``strategy=floral``: FedAvg whose nodes train with `FloralSGD` (they play FLORAL's label
+    flipper against themselves at every local step). Any aggregator and pre-aggregator chain
+    composes with it, as with FedAvg."""
+
+    def __init__(self, *, client: FloralSGD, **kwargs: Any) -> None:
+        if not isinstance(client, FloralSGD):
+            raise ConfigError("strategy=floral trains with its own client (strategies.floral.FloralSGD)")
+        super().__init__(client=client, **kwargs)

@@ -3,7 +3,7 @@
 A chain is a list, applied left to right; ``build_chain`` accepts names (``"nnm"``), dicts with a
 ``name`` and options (``{name: clipping, c: 5}``), Hydra ``_target_`` dicts or ready objects, so
 ``'strategy.preaggregators=[clipping,nnm]'`` works from the command line. Semantics follow ByzFL
-(byzfl/aggregators/preaggregators.py) as summarised in shared/specs/robust_aggregation.md.
+(byzfl/aggregators/preaggregators.py), summarised in docs/methods/robust_aggregation.md.
 Pre-aggregators never mutate their inputs; outputs carry uniform weights (robust rules are
 unweighted).
 """
@@ -30,6 +30,34 @@ def _ones(n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.float64)
 
 
+class PreRule:
+    """Base of the pre-aggregators (``fedsim.contract.PreAggregator``): ``check(n)`` raises
+    ConfigError when it cannot take n rows, ``out_rows(n)`` is how many rows it outputs."""
+
+    def __call__(
+        self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def check(self, n: int) -> None:
+        pass
+
+    def out_rows(self, n: int) -> int:
+        return n
+
+
+class FunctionPreRule(PreRule):
+    """A plain function ``(U, weights, *, rng) -> (U', weights')`` that keeps the row count."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(
+        self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(U, weights, rng=rng)
+
+
 def mix(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``M @ U`` for a row-stochastic (m, n) ``M`` that is safe with non-finite rows of U: a
     zero weight on an Inf row contributes nothing (a plain matmul would give 0 * inf = NaN)."""
@@ -46,7 +74,7 @@ def mix(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class NNM:
+class NNM(PreRule):
     """Nearest Neighbour Mixing (Allouah et al., AISTATS 2023, "Fixing by Mixing"): replace each
     x_i by the mean of its n - f nearest rows in l2 (itself included, at distance 0; ties broken by
     lower index). Distances via the Gram matrix; the mixing is one (n, n) x (n, d) product."""
@@ -72,7 +100,7 @@ class NNM:
         return mix(U, M), _ones(n)
 
 
-class Bucketing:
+class Bucketing(PreRule):
     """Bucketing (Karimireddy, He & Jaggi, ICLR 2022): randomly permute the rows (the generator
     passed in, seeded per round), average consecutive groups of s; a last partial bucket is its
     own mean. Outputs ceil(n / s) rows."""
@@ -81,9 +109,6 @@ class Bucketing:
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ConfigError(f"bucketing: s={s!r} must be an integer >= 1")
         self.s = s
-
-    def check(self, n: int) -> None:
-        pass
 
     def out_rows(self, n: int) -> int:
         return -(-n // self.s)
@@ -100,7 +125,7 @@ class Bucketing:
         return mix(U, M), _ones(b)
 
 
-class Clipping:
+class Clipping(PreRule):
     """Static clipping: x_i <- x_i min(1, c / ||x_i||); ByzFL default c = 2. A NaN/Inf row has no
     direction and becomes 0 (it can no longer poison a mean)."""
 
@@ -109,15 +134,12 @@ class Clipping:
             raise ConfigError(f"clipping: c={c} must be > 0")
         self.c = float(c)
 
-    def check(self, n: int) -> None:
-        pass
-
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
         _check_matrix(U)
         return _clip_rows(U, self.c), _ones(U.shape[0])
 
 
-class ARC:
+class ARC(PreRule):
     """Adaptive Robust Clipping (Allouah et al., 2024; ByzFL ``ARC``): clip the
     k = floor(2 (f/n) (n - f)) rows of largest norm to the norm of the (n - k)-th smallest row
     (the largest unclipped norm). Non-finite rows count as largest and become 0."""
@@ -149,13 +171,13 @@ PRE_AGGREGATORS: dict[str, type] = {"nnm": NNM, "bucketing": Bucketing, "clippin
 _TAKES_F = (NNM, ARC)
 
 
-def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[Any]:
+def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[PreRule]:
     """Turn a YAML list (names, ``{name: ..., **options}``, ``{_target_: ...}``, objects) into
     pre-aggregator objects; NNM and ARC get the declared ``f`` unless the entry sets its own."""
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    chain = []
+    chain: list[PreRule] = []
     for item in spec or ():
         if isinstance(item, DictConfig):
             item = OmegaConf.to_container(item, resolve=True)
@@ -164,7 +186,8 @@ def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[Any]:
         if isinstance(item, Mapping):
             opts = dict(item)
             if "_target_" in opts:
-                chain.append(instantiate(opts))
+                made = instantiate(opts)
+                chain.append(made if isinstance(made, PreRule) else FunctionPreRule(made))
                 continue
             name = str(opts.pop("name", "")).lower()
             if name not in PRE_AGGREGATORS:
@@ -178,8 +201,10 @@ def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[Any]:
                 chain.append(cls(**opts))
             except TypeError as exc:
                 raise ConfigError(f"bad options for pre-aggregator {name}: {exc}") from None
-        elif callable(item):
+        elif isinstance(item, PreRule):
             chain.append(item)
+        elif callable(item):
+            chain.append(FunctionPreRule(item))
         else:
             raise ConfigError(f"pre-aggregator entry {item!r} is neither a name nor a config")
     return chain

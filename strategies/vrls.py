@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsim.contract import RunFacts
 from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 from fedsim.seeding import np_rng
@@ -96,7 +97,7 @@ class VRLSClient(LocalSGD):
     which changes the effective step size), ``em_tol`` and ``em_max_iter``.
     """
 
-    uses_unlabelled = True
+    needs_unlabelled = True
 
     def __init__(
         self,
@@ -235,7 +236,7 @@ class VRLSClient(LocalSGD):
                 np.add.at(confusion, (z.argmax(1), y), 1.0)
             counts = np.bincount(data.y.numpy(), minlength=c)
             report = np.concatenate([counts, confusion.ravel(), [len(val), nll], grad, hess.ravel()])
-            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report))
+            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report), report=True)
         if phase == "estimate":
             x = self.test_inputs(data, ctx)
             z = self.logits(model, x)
@@ -250,7 +251,7 @@ class VRLSClient(LocalSGD):
                 probs = ls.softmax(ls.calibrated_logits(z, np.asarray(b["theta"], dtype=np.float64)))
                 q, iters = ls.em_marginal(probs, prior, tol=self.em_tol, max_iter=self.em_max_iter)
             report = np.concatenate([q, [len(x), iters]])
-            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report))
+            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report), report=True)
         raise ValueError(f"unknown VRLS phase {phase!r}")
 
 
@@ -308,6 +309,7 @@ class VRLS(FedAvg):
         self.calibration_rounds = 1 if estimator == "bbse" else int(calibration_rounds)
         self.pool = pool
         self.restart = bool(restart)
+        self.declare(servers=frozenset({"sync"}), extra_rounds=self.pre_rounds, needs_all_nodes=True)
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -324,19 +326,16 @@ class VRLS(FedAvg):
         p = ls.num_calibration_params(self.calibration, num_classes)
         return num_classes + num_classes**2 + 2 + p + p * p  # the calibration report; the estimate's is C + 2
 
-    def init(self, params: torch.Tensor, *, train_label_counts: np.ndarray | None = None,
-             test_label_counts: np.ndarray | None = None) -> dict[str, Any]:
-        if train_label_counts is None or test_label_counts is None:
-            raise ConfigError("strategy=vrls needs the run's label counts (build it with fedsim.simulation.build)")
-        train = np.asarray(train_label_counts, dtype=np.float64)
-        test = np.asarray(test_label_counts, dtype=np.float64)
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        train = np.asarray(facts.train_label_counts, dtype=np.float64)
+        test = np.asarray(facts.test_label_counts, dtype=np.float64)
         k, c = train.shape
         if self.report_size(c) > params.numel():
             raise ConfigError(
                 f"the model has {params.numel()} parameters, fewer than the {self.report_size(c)} numbers of a "
                 "VRLS report; use a larger model"
             )
-        state = super().init(params)
+        state = super().init(params, facts)
         state.update(
             phase="predictor" if self.estimates else "train",
             phase_round=0,

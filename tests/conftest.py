@@ -37,4 +37,19 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def run_facts(n: int, *, classes: int = 10, sizes=None, probs=None, server: str = "sync", **extra):
+    """`RunFacts` of an n-node run for unit tests that drive strategies by hand."""
+    import numpy as np
+
+    from fedsim.contract import RunFacts
+
+    sizes = np.ones(n, dtype=np.int64) if sizes is None else np.asarray(sizes)
+    counts = np.full((n, classes), 5, dtype=np.int64)
+    return RunFacts(num_nodes=n, num_classes=classes, seed=0, server=server, sizes=sizes,
+                    train_label_counts=extra.pop("train_label_counts", counts),
+                    test_label_counts=extra.pop("test_label_counts", counts),
+                    participation_probs=np.full(n, 1.0) if probs is None else np.asarray(probs),
+                    node_times=extra.pop("node_times", np.ones(n)), members=tuple(range(n)), **extra)

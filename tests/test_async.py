@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsim.errors import ConfigError
-from fedsim.faults.latency import Latency
+from fedsim.faults.latency import Data, Exponential, Linear, LogNormal
 from fedsim.simulation import build, set_driver_threads
 from strategies.asynchronous import staleness_weight
 from tests.conftest import compose
@@ -82,21 +82,22 @@ def test_staleness_functions():
 
 
 def test_latency_models():
-    lin = Latency(kind="linear", spread=80).bind(num_nodes=5, seed=0)
+    lin = Linear(spread=80).bind(num_nodes=5, seed=0)
     assert np.allclose(lin.mean_times(), [1.0, 0.8, 0.6, 0.4, 0.2])  # fastest is 80 % faster
-    data = Latency(kind="data", scale=2.0).bind(num_nodes=3, seed=0, sizes=np.array([10, 20, 30]))
+    data = Data(scale=2.0).bind(num_nodes=3, seed=0, sizes=np.array([10, 20, 30]))
     assert np.allclose(data.mean_times(), [1.0, 2.0, 3.0]) and data.time(2, 5) == 3.0
-    for kind in ("lognormal", "exponential"):
-        lat = Latency(kind=kind, mean=2.0, sigma=0.5, node_spread=0.0).bind(num_nodes=2, seed=1)
+    for kind in (LogNormal, Exponential):
+        lat = kind(mean=2.0, node_spread=0.0).bind(num_nodes=2, seed=1)
         draws = np.array([lat.time(0, k) for k in range(20000)])
         assert draws.mean() == pytest.approx(2.0, rel=0.03) and (draws > 0).all()
-        assert lat.time(1, 7) == Latency(kind=kind, mean=2.0).bind(num_nodes=2, seed=1).time(1, 7)
-    spread = Latency(kind="lognormal", node_spread=1.0).bind(num_nodes=200, seed=0).mean_times()
+        assert lat.time(1, 7) == kind(mean=2.0).bind(num_nodes=2, seed=1).time(1, 7)
+        assert len({lat.time(0, k) for k in range(5)}) == 5  # a fresh draw per job
+    spread = LogNormal(node_spread=1.0).bind(num_nodes=200, seed=0).mean_times()
     assert spread.std() > 0.5 and spread.mean() == pytest.approx(1.0, rel=0.25)
     with pytest.raises(ConfigError, match="spread"):
-        Latency(kind="linear", spread=100)
-    with pytest.raises(ConfigError, match="kind"):
-        Latency(kind="weibull")
+        Linear(spread=100)
+    with pytest.raises(ConfigError, match="sigma"):
+        LogNormal(sigma=-1.0)
 
 
 @pytest.mark.parametrize(

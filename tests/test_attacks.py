@@ -17,7 +17,7 @@ from fedsim.faults.attacks import (
     ALIE,
     IPM,
     Gaussian,
-    Inf,
+    Infinite,
     LabelFlip,
     Mimic,
     OptimalALIE,
@@ -43,7 +43,7 @@ def test_simple_attacks_follow_their_formulas():
     assert rows.shape == (2, 2) and torch.allclose(rows, -MEAN.expand(2, -1))
     assert torch.allclose(IPM(tau=0.5)(H, 1)[0][0], -0.5 * MEAN)
     assert torch.allclose(ALIE()(H, 1)[0][0], MEAN + 1.5 * STD)
-    assert torch.isinf(Inf()(H, 3)[0]).all()
+    assert torch.isinf(Infinite()(H, 3)[0]).all()
     assert SignFlip()(H, 0)[0].shape == (0, 2)
 
 
@@ -228,7 +228,7 @@ def test_p2p_without_faults_and_mean_mixing_is_d_sgd():
 
 def test_p2p_monna_under_attack_keeps_one_model_per_honest_node():
     sim = build(compose(*p2p_overrides("cluster=local", "attack=alie", "byzantine.num=2")))
-    assert sim.server.received(sim.byzantine) == 1 + (8 - 4 - 1) + 2
+    assert sim.server.rows_per_step(sim.strategy, sim.facts, 8) == 1 + (8 - 4 - 1) + 2
     state, summary = sim.run()
     assert state.params.shape[0] == 6 and torch.isfinite(state.params).all()
     assert not torch.allclose(state.params[0], state.params[1])  # own models, random neighbourhoods
@@ -237,12 +237,27 @@ def test_p2p_monna_under_attack_keeps_one_model_per_honest_node():
 
 
 def test_p2p_and_strategy_must_match():
-    with pytest.raises(ConfigError, match="server=p2p"):
+    with pytest.raises(ConfigError, match="strategy=monna runs peer to peer; add server=p2p"):
         build(compose("dataset=digits", "strategy=monna", "cluster=local"))
-    with pytest.raises(ConfigError, match="peer-to-peer strategy"):
+    with pytest.raises(ConfigError, match="server=p2p runs peer-to-peer strategies .* strategy=fedavg aggregates"):
         build(compose("dataset=digits", "server=p2p", "cluster=local"))
-    with pytest.raises(ConfigError, match="label_flip"):
-        build(compose(*p2p_overrides("cluster=local", "attack=label_flip", "byzantine.num=1"))).run()
+    with pytest.raises(ConfigError, match="strategy=monna needs every node in every round; set nodes_per_round=8"):
+        build(compose(*p2p_overrides("cluster=local", "nodes_per_round=4")))
+    with pytest.raises(ConfigError, match="participation=bernoulli|every node in every round"):
+        build(compose(*p2p_overrides("cluster=local", "participation=bernoulli")))
+
+
+def test_p2p_label_flip_nodes_train_on_poisoned_labels_and_gossip():
+    """A data attack in the peer-to-peer loop: the poisoned nodes are members (they keep and mix
+    a model like everyone), no vector is crafted, and eval/* is the first honest member's model."""
+    sim = build(compose(*p2p_overrides("cluster=local", "attack=label_flip", "byzantine.num=2")))
+    assert sim.facts.members == tuple(range(8)) and sim.facts.attack == "data"
+    assert sim.server.rows_per_step(sim.strategy, sim.facts, 8) == 1 + (8 - 4 - 1)
+    state, summary = sim.run()
+    assert state.params.shape[0] == 8 and torch.isfinite(state.params).all()
+    assert set(state.node_states) == set(range(8))
+    honest0 = min(set(range(8)) - sim.byzantine.ids)
+    assert summary["eval/acc"] == sim.evaluator(state.params[honest0])["eval/acc"]
 
 
 def test_every_attack_config_runs_a_round():

@@ -57,7 +57,8 @@ def test_default_run_shows_progress(tmp_path):
     "args,needle",
     [
         (["strategy=nope"], "Could not find 'strategy/nope'; available: async_fedavg, avg_all"),
-        (["feedback=ef21", "strategy/aggregator=median"], "needs strategy/aggregator=mean"),
+        (["strategy=fedau", "attack=optimal_alie", "byzantine.num=2"],
+         "attack=optimal_alie line-searches its strength against the aggregation, which strategy=fedau does not"),
         (["compressor=top_k", "compressor.ratio=2"], "compressor.ratio=2"),
         (["participation=markov", "participation.transition=0"], "participation.transition=0"),
         (["strategy=known_prob", "participation=uniform", "strategy.weighting=bogus"], "strategy.weighting='bogus'"),

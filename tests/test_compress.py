@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedsim.compress import QSGD, Identity, RandK, ScaledSign, TopK
+from fedsim.compress import QSGD, Identity, RandK, Sign, TopK
 from fedsim.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def sparse_bytes(k: int, d: int) -> int:
         (TopK(ratio=0.01), sparse_bytes(10, 1000)),  # 10 * 42 bits = 53 bytes
         (TopK(k=7), sparse_bytes(7, 1000)),
         (RandK(ratio=0.1), sparse_bytes(100, 1000)),
-        (ScaledSign(), 1000 // 8 + 4),
+        (Sign(), 1000 // 8 + 4),
         (QSGD(levels=16), 4 + math.ceil(1000 * (1 + 5) / 8)),  # sign + 5-bit level (0..16)
         (QSGD(levels=1), 4 + math.ceil(1000 * 2 / 8)),
     ],
@@ -52,7 +52,7 @@ def test_layerwise_counts_each_tensor_with_its_own_k_and_index_width():
     assert p.nbytes == sparse_bytes(6, 600) + sparse_bytes(4, 390) + sparse_bytes(1, 10)
     nonzero = [int((p.values[a:b] != 0).sum()) for a, b in ((0, 600), (600, 990), (990, 1000))]
     assert nonzero == [6, 4, 1]
-    sign = ScaledSign(layerwise=True).compress(v, None, sizes)
+    sign = Sign(layerwise=True).compress(v, None, sizes)
     assert sign.nbytes == (75 + 4) + (49 + 4) + (2 + 4)
     # per-layer scaling: each segment has its own ||v_l||_1 / d_l
     assert torch.allclose(sign.values[600:990].abs(), v[600:990].abs().mean().expand(390))
@@ -66,7 +66,7 @@ def test_top_k_keeps_the_largest_entries():
     assert out.tolist() == [0.0, -5.0, 0.0, 2.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("compressor", [TopK(ratio=0.05), RandK(ratio=0.05), ScaledSign(), QSGD(levels=4)],
+@pytest.mark.parametrize("compressor", [TopK(ratio=0.05), RandK(ratio=0.05), Sign(), QSGD(levels=4)],
                          ids=["top_k", "rand_k", "sign", "qsgd"])
 def test_compressors_are_contractive(compressor):
     """E||C(v) - v||^2 <= (1 - delta)||v||^2 with the spec's delta (averaged over draws for the
@@ -78,7 +78,7 @@ def test_compressors_are_contractive(compressor):
     norm2 = v.pow(2).sum()
     if isinstance(compressor, QSGD):
         delta = 1 / (1 + compressor.omega(d))
-    elif isinstance(compressor, ScaledSign):
+    elif isinstance(compressor, Sign):
         delta = float(v.abs().sum() ** 2 / (d * norm2))
         assert torch.allclose(err, norm2 * (1 - delta), rtol=1e-4)  # equality for sign
     else:

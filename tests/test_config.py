@@ -13,8 +13,10 @@ from fedsim.execution.worker import NodeTask, WorkerSpec
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.seeding import np_rng
-from fedsim.simulation import init_strategy, make
-from tests.conftest import CONF, compose
+from fedsim.contract import Capabilities, Feedback, Strategy
+from fedsim.simulation import make
+from fedsim.uplink import Uplink
+from tests.conftest import CONF, compose, run_facts
 from tests.data.test_sources import make_cifar_set, make_idx_set
 
 OPTIONS = sorted((g.name, f.stem) for g in CONF.iterdir() if g.is_dir() for f in g.glob("*.yaml"))
@@ -66,10 +68,9 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
     elif group == "strategy":
         strat = make(node)
-        counts = np.full((20, 10), 5)
-        state = init_strategy(strat, torch.zeros(200), sizes=np.ones(20, dtype=np.int64), participation_probs=np.full(20, 0.5),
-                              train_label_counts=counts, test_label_counts=counts)
-        assert callable(strat.client) and state is not None
+        assert isinstance(strat, Strategy) and isinstance(strat.capabilities, Capabilities)
+        state = strat.init(torch.zeros(200), run_facts(20, probs=np.full(20, 0.5)))
+        assert callable(strat.client) and isinstance(state, dict)
     elif group == "attack":
         if option == "none":
             assert not node.get("_target_")
@@ -91,24 +92,21 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         assert out.shape == v.shape and 0 < comp.nbytes(payload) <= 4 * 200
         assert (out - v).norm() <= v.norm() * (1 + 1e-6)  # contractive on this draw
     elif group == "feedback":
-        from strategies.compression import Compressed
-
         fb = make(node)
-        strat = fb.wrap(make(cfg.strategy), make(compose("compressor=top_k").compressor))
-        assert isinstance(strat, Compressed) and strat.feedback is fb
-        state = strat.init(torch.zeros(5), sizes=[3] * 20)
-        assert ("h" in state) == fb.mirror
-        msg, nbytes, node = fb.node(torch.ones(5), {}, lambda v: strat.compressor.compress(v))
+        assert isinstance(fb, Feedback) and fb.name == option
+        uplink = Uplink(make(compose("compressor=top_k").compressor), fb)
+        strat = make(cfg.strategy)
+        state = uplink.init(torch.zeros(5), strat, run_facts(20, sizes=[3] * 20))
+        assert uplink.mode(strat) == ("mirror" if fb.estimate else "none") and ("h" in state) == fb.estimate
+        msg, nbytes, node = fb.node(torch.ones(5), {}, lambda v: uplink.compressor.compress(v))
         assert msg.shape == (5,) and nbytes > 0 and isinstance(node, dict)
     elif group == "latency":
         lat = make(node).bind(num_nodes=20, seed=0, sizes=np.arange(1, 21))
         times = np.array([[lat.time(i, k) for k in range(5)] for i in range(20)])
         assert lat.mean_times().shape == (20,) and (times > 0).all() and np.isfinite(times).all()
     elif group == "participation":
-        model = make(node)
-        if hasattr(model, "bind"):
-            counts = np.random.default_rng(0).integers(0, 5, size=(20, 10))
-            model = model.bind(num_nodes=20, seed=0, label_counts=counts)
+        counts = np.random.default_rng(0).integers(0, 5, size=(20, 10))
+        model = make(node).bind(num_nodes=20, seed=0, label_counts=counts)
         p = model.probabilities(20, 5)
         assert p.shape == (20,) and ((p > 0) & (p <= 1)).all()
         seen = np.zeros(20)

@@ -13,8 +13,8 @@ from fedsim.models import RandomFourierSVM, build_model
 from fedsim.params import FlatModel
 from fedsim.seeding import np_rng
 from fedsim.simulation import build
-from strategies.client import FloralSGD
 from strategies.floral import (
+    FloralSGD,
     bias,
     dual_qp,
     floral,

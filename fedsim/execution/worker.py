@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from fedsim.errors import NodeError
 from fedsim.params import FlatModel
 from fedsim.types import ClientContext, NodeData, NodeState
+from fedsim.uplink import Uplink
 
 
 @dataclass(frozen=True)
@@ -23,19 +25,24 @@ class WorkerSpec:
     model_factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     num_classes: int
-    client_update: Callable
+    client_update: Any
     seed: int
     threads: int = 1
-    unlabelled: bool = False
-    """Whether nodes also get their own test inputs, without labels (``NodeData.x_unlabelled``)."""
+    uplink: Uplink | None = None
+    """The compressed uplink's node side, run after the client update (None: messages as they are)."""
+
+    @property
+    def unlabelled(self) -> bool:
+        """Whether nodes also get their own test inputs, without labels (``NodeData.x_unlabelled``)."""
+        return bool(self.client_update.needs_unlabelled)
 
 
 @dataclass(frozen=True)
 class NodeTask:
-    """One node's work in a round: its id, its persistent state and, when nodes hold models of
-    their own (peer to peer) or started from an older model (asynchronous), the model it starts
-    from instead of the broadcast one; ``round`` replaces the call's round in the node's streams
-    (the asynchronous server passes the node's job index)."""
+    """One node's work in a round: its id, its persistent state (``{"client": ..., "uplink":
+    ...}``) and, when nodes hold models of their own (peer to peer) or started from an older model
+    (asynchronous), the model it starts from instead of the broadcast one; ``round`` replaces the
+    call's round in the node's streams (the asynchronous server passes the node's job index)."""
 
     node_id: int
     state: NodeState | None = None
@@ -55,6 +62,8 @@ class RoundResult:
     busy_s: list[float] = field(default_factory=list)
     bytes_up: list[int] | None = None
     """Per-row uplink bytes (None: 4 d per row, the dense float32 message)."""
+    report: bool = False
+    """The rows are small reports (`ClientResult.report`), not model updates."""
 
     def row_bytes(self) -> list[int]:
         if self.bytes_up is not None:
@@ -78,6 +87,7 @@ class RoundResult:
             states=[part.states[i] for _, part, i in rows],
             busy_s=[b for part in parts for b in part.busy_s],
             bytes_up=[row_bytes[id(part)][i] for _, part, i in rows],
+            report=any(part.report for part in parts),
         )
 
 
@@ -114,6 +124,7 @@ class NodeWorker:
         self.x_test = _as_tensor(x_test) if x_test is not None else None
         self.test_index = _index(test_index) if test_index is not None else None
         self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)))
+        self.layer_sizes = [int(p.numel()) for p in self.model.module.parameters()]
 
     def ready(self) -> str:
         """Called once after start; returns this worker's Ray node id (or "local")."""
@@ -136,7 +147,9 @@ class NodeWorker:
         import time
 
         torch.set_num_threads(self.spec.threads)
+        uplink = self.spec.uplink if self.spec.uplink is not None and self.spec.uplink.active else None
         messages, counts, metrics, states, nbytes = [], [], [], [], []
+        reports: set[bool] = set()
         t0 = time.perf_counter()
         for task in tasks:
             ctx = ClientContext(round_ if task.round is None else task.round, task.node_id, self.spec.seed,
@@ -145,17 +158,26 @@ class NodeWorker:
             if start is None:
                 raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
             self.model.load(start)
+            old = task.state or {}
             try:
-                result = self.spec.client_update(self.model, start, self.node_data(task.node_id), task.state, ctx)
+                result = self.spec.client_update(self.model, start, self.node_data(task.node_id), old.get("client"), ctx)
+                message, row_bytes, node_metrics = result.message, result.nbytes, dict(result.metrics)
+                uplink_state = old.get("uplink")
+                if uplink is not None and not result.report:
+                    message, row_bytes, uplink_state, extra = uplink.encode(message, uplink_state, ctx, self.layer_sizes)
+                    node_metrics.update(extra)
             except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
-            if not torch.isfinite(result.message).all():
+            if not torch.isfinite(message).all():
                 raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")
-            messages.append(result.message)
+            messages.append(message)
             counts.append(int(result.num_examples))
-            metrics.append(dict(result.metrics))
-            states.append(result.state)
-            nbytes.append(int(result.nbytes) if result.nbytes is not None else result.message.numel() * result.message.element_size())
+            metrics.append(node_metrics)
+            states.append(node_state(result.state, uplink_state))
+            nbytes.append(int(row_bytes) if row_bytes is not None else message.numel() * message.element_size())
+            reports.add(bool(result.report))
+        if len(reports) > 1:
+            raise ValueError(f"round {round_} mixes reports and model updates; a strategy sends one kind per round")
         return RoundResult(
             node_ids=[t.node_id for t in tasks],
             messages=torch.stack(messages) if messages else torch.zeros(0, self.model.dim),
@@ -164,7 +186,19 @@ class NodeWorker:
             states=states,
             busy_s=[time.perf_counter() - t0],
             bytes_up=nbytes,
+            report=reports == {True},
         )
+
+
+def node_state(client: NodeState | None, uplink: NodeState | None) -> NodeState | None:
+    """A node's state between participations: its client's and its uplink's parts (None when
+    both are empty)."""
+    out: NodeState = {}
+    if client is not None:
+        out["client"] = client
+    if uplink:
+        out["uplink"] = uplink
+    return out or None
 
 
 def assign_lpt(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:

@@ -10,7 +10,7 @@ explicit state (only the mimic heuristic uses it); ``defence`` is the configured
 function ``U -> vector`` (pre-aggregators and aggregator, for the optimal attacks that line-search
 their strength against it). All f rows are identical unless a docstring says otherwise. The same
 attack acts on whatever the honest rows are: momenta or pseudo-gradients at a server, parameters
-in the peer-to-peer loop (shared/specs/robust_aggregation.md, section 3).
+in the peer-to-peer loop (docs/methods/robust_aggregation.md, "Attacks").
 
 A *data attack* (``LabelFlip``) runs inside the Byzantine nodes instead: they train on poisoned
 labels and send what honest training on those labels gives.
@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.contract import DataAttack, Defence, UpdateAttack
 from fedsim.errors import ConfigError
 from fedsim.types import RoundInfo
-
-Defence = Callable[[torch.Tensor], torch.Tensor]
 
 
 def honest_stats(honest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,14 +50,9 @@ def _rows(vector: torch.Tensor, f: int) -> torch.Tensor:
     return vector.unsqueeze(0).expand(f, -1).clone()
 
 
-class Attack:
-    """Base of the update attacks: stateless, needs no defence, one identical row per attacker."""
-
-    kind = "update"
-    needs_defence = False
-
-    def init(self) -> dict[str, Any]:
-        return {}
+class Attack(UpdateAttack):
+    """Base of the update attacks here: stateless, needs no defence, one identical row per
+    attacker (``vector``)."""
 
     def vector(self, honest: torch.Tensor, f: int, rng: torch.Generator) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -146,14 +140,14 @@ class Gaussian(Attack):
         return self.mu + self.sigma * noise, state
 
 
-class Inf(Attack):
+class Infinite(Attack):
     """Every coordinate +inf (ByzFL ``Inf``): tests that defences survive non-finite input."""
 
     def vector(self, honest, f, rng):
         return torch.full((honest.shape[1],), float("inf"), dtype=honest.dtype)
 
 
-class NaN(Attack):
+class NotANumber(Attack):
     """Every coordinate NaN."""
 
     def vector(self, honest, f, rng):
@@ -296,7 +290,7 @@ class OptimalIPM(_Optimal):
         return mean, -mean
 
 
-class LabelFlip:
+class LabelFlip(DataAttack):
     """Data poisoning inside the node: a ``fraction`` of the node's training labels, chosen once
     per node from the stream (seed, "poison", node_id), are replaced before training.
 
@@ -309,9 +303,6 @@ class LabelFlip:
     label noise inside otherwise honest nodes uses a smaller fraction. The poisoned labels are
     fixed for the run.
     """
-
-    kind = "data"
-    needs_defence = False
 
     def __init__(
         self,
@@ -338,9 +329,6 @@ class LabelFlip:
         self.mapping = mapping
         self.source = source
         self.target = target
-
-    def init(self) -> dict[str, Any]:
-        return {}
 
     def poison(self, y: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
         """The poisoned copy of one node's labels ``y``."""

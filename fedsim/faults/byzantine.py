@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.contract import DataAttack, UpdateAttack
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError
 from fedsim.seeding import np_rng, torch_rng
@@ -32,12 +33,17 @@ class Byzantine:
         return len(self.ids)
 
     @property
+    def kind(self) -> str:
+        """"none" (faulty nodes are silent), "update" or "data" (the attack's declared kind)."""
+        return "none" if self.attack is None else str(self.attack.kind)
+
+    @property
     def is_update_attack(self) -> bool:
-        return self.attack is not None and getattr(self.attack, "kind", "update") == "update"
+        return self.kind == "update"
 
     @property
     def is_data_attack(self) -> bool:
-        return self.attack is not None and getattr(self.attack, "kind", "update") == "data"
+        return self.kind == "data"
 
     def trains(self, node_id: int) -> bool:
         """Whether ``node_id`` runs its client update this round."""
@@ -50,7 +56,7 @@ class Byzantine:
         declared = num if declared is None else declared
         if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
             raise ConfigError(f"byzantine.declared={declared!r} must be an integer >= 0 (or null: = byzantine.num)")
-        chosen = getattr(attack, "nodes", None)
+        chosen = attack.nodes if isinstance(attack, DataAttack) else None
         if chosen is not None:  # a data attack at named nodes (or all), not at drawn Byzantine ones
             if num:
                 raise ConfigError("attack.nodes names the poisoned nodes itself; leave byzantine.num=0")
@@ -61,7 +67,7 @@ class Byzantine:
             return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
         if attack is not None and num == 0:
             raise ConfigError(f"attack={type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
-        if num == num_nodes and attack is not None and getattr(attack, "kind", "update") == "update":
+        if num == num_nodes and isinstance(attack, UpdateAttack):
             raise ConfigError("every node is Byzantine, so an update attack has no honest rows; lower byzantine.num")
         ids = np_rng(seed, "byzantine").choice(num_nodes, size=num, replace=False) if num else []
         return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
@@ -70,7 +76,7 @@ class Byzantine:
         """For a data attack: the same data with each Byzantine node's labels poisoned. Labels are
         rewritten in a copy of the train labels, so a poisoned example must belong to that node
         alone (true of every partitioner that deals out disjoint index sets)."""
-        if not self.is_data_attack or not self.ids:
+        if not isinstance(self.attack, DataAttack) or not self.ids:
             return data
         y = data.dataset.y_train.copy()
         owner = np.full(len(y), -1, dtype=np.int64)

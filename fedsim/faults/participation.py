@@ -8,8 +8,7 @@ have no node at all. Before use they are bound to the run with
 ``bind(num_nodes=, seed=, label_counts=)``, which fixes every node's long-run participation rate
 p_n (``probabilities()``); their randomness comes from (seed, "participation", ...).
 
-Heterogeneous rates (shared/specs/fedau.md, "Participation model", after the FedAU code's
-``util.py``): ``rates=label`` draws m ~ Dirichlet(alpha 1_C) once and sets
+Heterogeneous rates (docs/methods/fedau.md, "Participation", after the FedAU code's ``util.py``): ``rates=label`` draws m ~ Dirichlet(alpha 1_C) once and sets
 p_n = clip(max(p_min, C * p * <d_n, m>), 0, 1), with d_n node n's label distribution, so that
 participation is correlated with the labels a node holds (mean about ``p``). ``rates=constant``
 gives every node p.
@@ -25,21 +24,36 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedsim.contract import Participation
 from fedsim.errors import ConfigError
 from fedsim.seeding import np_rng
 
 
-class Uniform:
+class Uniform(Participation):
     """``nodes_per_round`` nodes drawn uniformly without replacement, independently each round
-    (the sampling of McMahan et al. 2017)."""
+    (the sampling of McMahan et al. 2017). Every node is always available (``active``)."""
+
+    uses_nodes_per_round = True
+
+    def __init__(self) -> None:
+        self.num_nodes = 0
+
+    def bind(self, *, num_nodes: int, seed: int, label_counts: np.ndarray | None = None) -> Uniform:
+        out = Uniform()
+        out.num_nodes = int(num_nodes)
+        return out
 
     def __call__(self, round_: int, num_nodes: int, nodes_per_round: int, rng: np.random.Generator) -> np.ndarray:
         if nodes_per_round >= num_nodes:
             return np.arange(num_nodes)
         return np.sort(rng.choice(num_nodes, size=nodes_per_round, replace=False))
 
-    def probabilities(self, num_nodes: int, nodes_per_round: int) -> np.ndarray:
-        return np.full(num_nodes, min(1.0, nodes_per_round / num_nodes))
+    def probabilities(self, num_nodes: int | None = None, nodes_per_round: int | None = None) -> np.ndarray:
+        n = self.num_nodes if num_nodes is None else num_nodes
+        return np.full(n, min(1.0, (nodes_per_round or n) / n))
+
+    def active(self, t: int) -> np.ndarray:
+        return np.ones(self.num_nodes, dtype=bool)
 
 
 def label_rates(label_counts: np.ndarray, *, p: float, alpha: float, p_min: float, rng: np.random.Generator) -> np.ndarray:
@@ -53,7 +67,7 @@ def label_rates(label_counts: np.ndarray, *, p: float, alpha: float, p_min: floa
 
 
 @dataclass
-class _Availability:
+class _Availability(Participation):
     """Shared by the availability models: options of the per-node rates, binding, replay."""
 
     p: float = 0.1

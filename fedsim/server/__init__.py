@@ -1,5 +1,2 @@
-"""Server loops: synchronous rounds (`sync`); the asynchronous virtual-clock loop comes later."""
-
-from fedsim.server.state import ServerState
-
-__all__ = ["ServerState"]
+"""Server loops: synchronous rounds (`sync`), the asynchronous virtual clock (`async_server`),
+peer to peer (`p2p`); all hand their steps to the shared round pipeline (`pipeline`)."""

@@ -105,6 +105,6 @@ def test_per_node_state_travels_with_the_task(ray_cluster, digits_fed):
         for r in range(3):
             res = ex.run_round(start_params(), r, [NodeTask(i, states.get(i)) for i in (0, 1, 2, 3)])
             states.update(dict(zip(res.node_ids, res.states)))
-        assert all(states[i] == {"calls": 3, "last_round": 2} for i in range(4))
+        assert all(states[i] == {"client": {"calls": 3, "last_round": 2}} for i in range(4))
     finally:
         ex.shutdown()

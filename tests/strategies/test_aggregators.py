@@ -14,19 +14,19 @@ from fedsim.errors import ConfigError
 from fedsim.simulation import make
 from strategies.aggregators import (
     CenteredClipping,
-    CoordinateMedian,
+    Median,
     GeometricMedian,
     Krum,
     Meamed,
     MultiKrum,
+    NNA,
     TrimmedMean,
     pairwise_sq_distances,
 )
 from strategies.client import LocalSGD
 from strategies.fedavg import FedAvg
-from strategies.monna import NNA
 from strategies.preaggregators import ARC, NNM, Bucketing, Clipping, build_chain
-from tests.conftest import CONF, compose
+from tests.conftest import CONF, compose, run_facts
 
 AGGREGATORS = sorted(p.stem for p in (CONF / "strategy" / "aggregator").glob("*.yaml"))
 PRE = ["nnm", "bucketing", "clipping", "arc"]
@@ -111,7 +111,7 @@ class TestConformance:
         U = honest()
         U[5] = float("inf")
         before = U.clone()
-        out, _ = strat.aggregate(U, torch.ones(N, dtype=torch.float64), strat.init(U[0])["aggregator"], torch.Generator().manual_seed(0))
+        out, _ = strat.aggregate(U, torch.ones(N, dtype=torch.float64), strat.init(U[0], run_facts(N))["aggregator"], torch.Generator().manual_seed(0))
         assert out.shape == (D,) and torch.isfinite(out).all()
         assert torch.equal(U.isinf(), before.isinf()) and torch.equal(U[~U.isinf()], before[~before.isinf()])
 
@@ -137,9 +137,9 @@ ONES4 = torch.ones(4, dtype=torch.float64)
 
 
 def test_median_known_answers_and_even_n_convention():
-    assert CoordinateMedian()(col(1, 5, 3), ONES4[:3]).item() == 3.0
+    assert Median()(col(1, 5, 3), ONES4[:3]).item() == 3.0
     # even n: the average of the two middle values (numpy), not torch.median's lower one (2)
-    assert CoordinateMedian()(col(1, 2, 10, 20), ONES4).item() == 6.0
+    assert Median()(col(1, 2, 10, 20), ONES4).item() == 6.0
     assert torch.median(col(1, 2, 10, 20)).item() == 2.0
 
 

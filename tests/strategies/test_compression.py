@@ -1,5 +1,5 @@
-"""Error feedback (shared/specs/econtrol.md): the heterogeneous-quadratic separation, the update
-order, the server mirror, byte accounting and config errors in real runs."""
+"""Error feedback (docs/methods/econtrol.md): the heterogeneous-quadratic separation, the update
+order, the server's mirror and per-node estimates, byte accounting and config errors in real runs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from fedsim.compress import Identity, TopK
 from fedsim.errors import ConfigError
 from fedsim.simulation import build, set_driver_threads
 from fedsim.types import RoundInfo, UpdateBatch
+from fedsim.uplink import Uplink
 from strategies.client import LocalSGD
-from strategies.compression import EF14, EF21, EF21SGDM, Compressed, EControl, Naive
 from strategies.fedavg import FedAvg
-from tests.conftest import compose
+from strategies.feedback import EF14, EF21, EF21SGDM, EControl, NoFeedback
+from tests.conftest import compose, run_facts
 from tests.test_server import Recorder
 
 
@@ -34,13 +35,16 @@ def quadratic(n: int = 10, m: int = 30, d: int = 50, seed: int = 0):
 
 def run_quadratic(feedback, *, steps: int, k: int = 5) -> tuple[float, float]:
     """Full gradients; node i sends the compressed gamma * grad f_i (one local step of size
-    gamma) through `feedback`; the server is the real `Compressed(FedAvg)` step, lr 1."""
+    gamma) through `feedback`; the server is the real uplink stage (the mirror of the h-based
+    rules) and FedAvg's step, lr 1."""
     grads, L = quadratic()
     n, d = 10, 50
     gamma = 0.2 / L
-    strategy = Compressed(FedAvg(client=LocalSGD(), weighted=False), compressor=TopK(k=k), feedback=feedback)
+    strategy = FedAvg(client=LocalSGD(), weighted=False)
+    uplink = Uplink(TopK(k=k), feedback)
     x = torch.zeros(d, dtype=torch.float64)
-    state = strategy.init(x, sizes=[1] * n)
+    facts = run_facts(n)
+    state, ustate = strategy.init(x, facts), uplink.init(x, strategy, facts)
     nodes: list[dict] = [{} for _ in range(n)]
     info = RoundInfo(0, 0, 0, n, tuple(range(n)))
     ids = torch.arange(n)
@@ -49,10 +53,12 @@ def run_quadratic(feedback, *, steps: int, k: int = 5) -> tuple[float, float]:
         G = gamma * grads(x)
         rows = []
         for i in range(n):
-            msg, _, nodes[i] = feedback.node(G[i], nodes[i], lambda v: strategy.compressor.compress(v))
+            msg, _, nodes[i] = feedback.node(G[i], nodes[i], lambda v: uplink.compressor.compress(v))
             rows.append(msg)
         zeros = torch.zeros(n, dtype=torch.int64)
         batch = UpdateBatch(ids, torch.stack(rows), torch.ones(n, dtype=torch.int64), zeros, zeros)
+        assert uplink.mode(strategy) == ("mirror" if feedback.estimate else "none")
+        batch, ustate = uplink.reduce(batch, ustate)
         x, state, _ = strategy.step(x, batch, state, info)
         if not torch.isfinite(x).all():
             return start, math.inf
@@ -63,7 +69,7 @@ def test_heterogeneous_quadratic_separates_the_feedback_rules():
     """The spec's main qualitative test: with top-k and full gradients EF21 and EControl reach
     machine precision; EF14 is stuck far from it after the same steps; naive compression stalls."""
     steps = 2000
-    start, naive = run_quadratic(Naive(), steps=steps)
+    start, naive = run_quadratic(NoFeedback(), steps=steps)
     _, ef14 = run_quadratic(EF14(), steps=steps)
     _, ef21 = run_quadratic(EF21(), steps=steps)
     _, econtrol = run_quadratic(EControl(eta=0.1), steps=steps)
@@ -121,10 +127,32 @@ def test_server_mirror_equals_the_weighted_mean_of_node_estimates():
     w = sizes / sizes.sum()
     mirror = torch.zeros_like(state.params, dtype=torch.float64)
     for nid, s in state.node_states.items():
-        assert s["h"].shape == s["e"].shape == state.params.shape
-        mirror += w[nid] * s["h"].double()
+        assert s["uplink"]["h"].shape == s["uplink"]["e"].shape == state.params.shape
+        mirror += w[nid] * s["uplink"]["h"].double()
     assert 4 <= len(state.node_states) < 8  # some nodes were never sampled
-    assert torch.allclose(state.strategy_state["h"].double(), mirror, atol=1e-6)
+    assert sim.uplink.mode(sim.strategy) == "mirror"
+    assert torch.allclose(state.uplink_state["h"].double(), mirror, atol=1e-6)
+
+
+def test_per_node_estimates_feed_any_aggregator():
+    """With a robust rule the server keeps every sender's h_i (the nodes' own h_i, exactly) and
+    the rule combines them; with the trimmed mean at f = 0 (the plain mean, but not declared
+    linear) under full participation this equals the mirror of the mean."""
+    set_driver_threads(1)
+    full = [*SIM, "nodes_per_round=8", "strategy.weighted=false", "compressor=top_k", "compressor.ratio=0.1",
+            "feedback=ef21"]
+    per_node = build(compose(*full, "strategy/aggregator=trimmed_mean", "byzantine.declared=0"))
+    mirror = build(compose(*full))
+    assert per_node.uplink.mode(per_node.strategy) == "per_node" and mirror.uplink.mode(mirror.strategy) == "mirror"
+    a, b = per_node.run()[0], mirror.run()[0]
+    for nid, s in a.node_states.items():
+        assert torch.equal(a.uplink_state["h"][nid], s["uplink"]["h"])
+    start = build(compose(*full)).state.params
+    assert torch.allclose(a.params, b.params, atol=1e-5) and not torch.allclose(a.params, start, atol=1e-3)
+    median = build(compose(*SIM, "compressor=top_k", "compressor.ratio=0.1", "feedback=econtrol",
+                           "strategy/aggregator=median"))
+    _, summary = median.run()
+    assert math.isfinite(summary["eval/acc"])
 
 
 def test_uplink_bytes_are_the_compressed_sizes():
@@ -155,7 +183,7 @@ def test_compressed_training_learns_and_identity_changes_nothing():
     set_driver_threads(1)
     plain = build(compose(*SIM, "rounds=6")).run()
     ident_ef14 = build(compose(*SIM, "rounds=6", "feedback=ef14"))
-    assert isinstance(ident_ef14.strategy, Compressed) and isinstance(ident_ef14.strategy.compressor, Identity)
+    assert ident_ef14.uplink.active and isinstance(ident_ef14.uplink.compressor, Identity)
     # EF14 with the identity compressor never accumulates error: the same model as plain FedAvg
     assert torch.equal(ident_ef14.run()[0].params, plain[0].params)
     sim = build(compose(*SIM, "rounds=10", "compressor=top_k", "compressor.ratio=0.2", "feedback=econtrol"))
@@ -167,12 +195,10 @@ def test_compressed_training_learns_and_identity_changes_nothing():
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["feedback=ef21", "strategy/aggregator=median"], "aggregator=mean"),
-        (["feedback=econtrol", "strategy.preaggregators=[nnm]"], "aggregator=mean"),
         (["feedback=econtrol", "feedback.eta=1.5"], "eta=1.5"),
         (["feedback=ef21", "feedback.h0=zero"], "h0"),
         (["compressor=top_k", "compressor.ratio=null"], "exactly one"),
-        (["compressor=top_k", "strategy=monna", "server=p2p"], "server-based"),
+        (["compressor=top_k", "strategy=monna", "server=p2p", "nodes_per_round=8"], "server=p2p exchanges whole models"),
     ],
 )
 def test_bad_compression_configs_fail_with_one_line(overrides, match):

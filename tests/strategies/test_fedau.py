@@ -11,8 +11,8 @@ from fedsim.faults.participation import Bernoulli
 from fedsim.simulation import build, set_driver_threads
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.client import LocalSGD
-from strategies.fedau import FedAU, estimator_update
-from tests.conftest import compose
+from strategies.fedau import MIFA, FedAU, KnownProb, estimator_update
+from tests.conftest import compose, run_facts
 
 
 def batch_of(ids: list[int], rows: torch.Tensor) -> UpdateBatch:
@@ -28,7 +28,7 @@ def run_estimator(probs: np.ndarray, rounds: int, cutoff: int | None, seed: int 
     part.probs = probs
     strat = FedAU(client=LocalSGD(), cutoff=cutoff, log_weights_every=0)
     x = torch.zeros(1)
-    state = strat.init(x, sizes=np.ones(n))
+    state = strat.init(x, run_facts(n))
     largest = 0.0
     for t in range(rounds):
         ids = part(t, n, 0, None).tolist()
@@ -70,7 +70,7 @@ def test_weightings_by_hand():
     out = {}
     for weighting in ("average_participating", "average_all", "known_prob", "adaptive", "mifa", "fedvarp"):
         s = FedAU(client=LocalSGD(), weighting=weighting)
-        state = s.init(torch.zeros(2), sizes=np.ones(4), participation_probs=probs)
+        state = s.init(torch.zeros(2), run_facts(4, probs=probs))
         if weighting in ("mifa", "fedvarp"):
             state["stored"][0] = torch.tensor([4.0, 4.0])
             state["stored"][1] = torch.tensor([1.0, 1.0])
@@ -91,7 +91,7 @@ def test_weightings_by_hand():
 def test_empty_round_counts_absences_and_skips_fedvarp():
     for weighting, moves in (("adaptive", False), ("fedvarp", False), ("mifa", True)):
         s = FedAU(client=LocalSGD(), weighting=weighting)
-        state = s.init(torch.zeros(2), sizes=np.ones(3))
+        state = s.init(torch.zeros(2), run_facts(3))
         if weighting == "mifa":
             state["stored"][0] = torch.tensor([3.0, 0.0])
         x, state, _ = s.step(torch.zeros(2), batch_of([], torch.zeros(0, 2)), state, RoundInfo(0, 0, 0, 3, ()))
@@ -99,9 +99,10 @@ def test_empty_round_counts_absences_and_skips_fedvarp():
         assert bool(x.abs().sum() > 0) == moves
 
 
-def test_known_prob_needs_rates_and_bad_options():
-    with pytest.raises(ConfigError, match="known rates"):
-        FedAU(client=LocalSGD(), weighting="known_prob").init(torch.zeros(2), sizes=np.ones(3))
+def test_baselines_fix_their_weighting_and_bad_options():
+    assert MIFA(client=LocalSGD()).weighting == "mifa" and KnownProb(client=LocalSGD()).weighting == "known_prob"
+    with pytest.raises(ConfigError, match="strategy.weighting='adaptive' does not fit strategy=mifa"):
+        MIFA(client=LocalSGD(), weighting="adaptive")
     with pytest.raises(ConfigError, match="weighting"):
         FedAU(client=LocalSGD(), weighting="median")
     with pytest.raises(ConfigError, match="cutoff"):

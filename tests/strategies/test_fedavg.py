@@ -9,6 +9,7 @@ from strategies.aggregators import Mean
 from strategies.client import LocalSGD
 from strategies.fedavg import FedAvg
 from strategies.server_opt import ServerSGD
+from tests.conftest import run_facts
 
 
 def batch_of(messages, counts):
@@ -46,10 +47,10 @@ def test_fedavg_lands_on_the_weighted_average_of_local_models():
     x = torch.tensor([1.0, 1.0])
     local = torch.tensor([[0.0, 2.0], [4.0, 2.0]])
     strat = FedAvg(client=LocalSGD())
-    params, _, metrics = strat.step(x, batch_of(x - local, [1, 3]), strat.init(x), INFO)
+    params, _, metrics = strat.step(x, batch_of(x - local, [1, 3]), strat.init(x, run_facts(4)), INFO)
     assert torch.allclose(params, torch.tensor([3.0, 2.0]))
     unweighted = FedAvg(client=LocalSGD(), weighted=False)
-    params, _, _ = unweighted.step(x, batch_of(x - local, [1, 3]), unweighted.init(x), INFO)
+    params, _, _ = unweighted.step(x, batch_of(x - local, [1, 3]), unweighted.init(x, run_facts(4)), INFO)
     assert torch.allclose(params, torch.tensor([2.0, 2.0]))
     assert metrics["agg/direction_norm"] > 0
 

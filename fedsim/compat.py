@@ -1,0 +1,74 @@
+"""Which plug-ins fit together: the one place that checks a run's combination, before any Ray
+process starts. Every refusal is one line that names the conflicting options and the fix.
+
+What is refused is only what has no meaning (the README's compatibility table lists it):
+
+- a strategy on a server loop it does not run on (`Capabilities.servers`): a server strategy on
+  ``server=p2p``, a peer-to-peer strategy at a server, a stale-update step on ``server=sync``,
+  VRLS's phases off ``server=sync``;
+- a strategy that needs every node in every round under partial participation;
+- uplink compression on ``server=p2p`` (members exchange whole models; there is no uplink);
+- a line-searched attack against a strategy that exposes no aggregation to search against;
+- a rule that needs more rows than one aggregation gets (e.g. 2f >= n for the trimmed mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsim.contract import RunFacts, Server, Strategy
+from fedsim.errors import ConfigError
+from fedsim.faults.byzantine import Byzantine
+from fedsim.uplink import Uplink
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen plug-ins of a run, before anything starts."""
+
+    strategy: Strategy
+    server: Server
+    byzantine: Byzantine
+    uplink: Uplink
+    facts: RunFacts
+    nodes_per_round: int
+    names: dict[str, str] = field(default_factory=dict)
+    """Config group -> chosen option, as the user typed it (for the messages)."""
+
+    def option(self, group: str, fallback: object) -> str:
+        return f"{group}={self.names.get(group, type(fallback).__name__)}"
+
+
+def check(plan: Plan) -> None:
+    """Raise ConfigError for the first combination in ``plan`` that cannot work."""
+    strategy, server, caps = plan.strategy, plan.server, plan.strategy.capabilities
+    s = plan.option("strategy", strategy)
+    if server.kind not in caps.servers:
+        allowed = sorted(caps.servers)
+        if allowed == ["p2p"]:
+            raise ConfigError(f"{s} runs peer to peer; add server=p2p")
+        if server.kind == "p2p":
+            raise ConfigError(f"server=p2p runs peer-to-peer strategies (strategy=monna); {s} aggregates at a "
+                              "server: use server=sync or server=async")
+        if allowed == ["async"]:
+            raise ConfigError(f"{s} aggregates stale updates; add server=async")
+        raise ConfigError(f"{s} runs on {' or '.join(f'server={k}' for k in allowed)}, not server={server.kind}")
+    facts = plan.facts
+    if caps.needs_all_nodes and not _every_node_every_round(plan):
+        raise ConfigError(f"{s} needs every node in every round; set nodes_per_round={facts.num_nodes} "
+                          f"(= num_nodes) and participation=uniform or participation=full")
+    if plan.uplink.active and server.kind == "p2p":
+        raise ConfigError("server=p2p exchanges whole models between peers and has no uplink to compress; "
+                          "remove the compressor=/feedback= options (compressed gossip is not implemented)")
+    attack = plan.byzantine.attack
+    if attack is not None and attack.needs_defence and not caps.defence:
+        raise ConfigError(f"{plan.option('attack', attack)} line-searches its strength against the aggregation, "
+                          f"which {s} does not expose; use a fixed-strength attack (attack=alie, attack=ipm)")
+    strategy.check(server.rows_per_step(strategy, facts, plan.nodes_per_round))
+
+
+def _every_node_every_round(plan: Plan) -> bool:
+    facts = plan.facts
+    return plan.nodes_per_round == facts.num_nodes and bool(np.all(facts.participation_probs == 1.0))

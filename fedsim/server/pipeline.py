@@ -1,0 +1,240 @@
+"""The round pipeline that all three servers share.
+
+A server decides *who* runs and *when* (sampling, the asynchronous clock, peer-to-peer members)
+and hands every step to `Pipeline.step`, which does the rest in one order for everyone:
+
+1. **collect**: the honest nodes' results become an `UpdateBatch` (rows sorted by node id);
+2. **uplink**: per-node decoding of error-feedback estimates (``fedsim/uplink.py``);
+3. **rows**: the strategy's declared row space (`Capabilities.rows`): messages as sent, x_now - y,
+   or the nodes' models after their step;
+4. **Byzantine rows**: the update attack writes the faulty senders' rows from the honest ones,
+   and every step of a run with faulty nodes shuffles its rows with (seed, "shuffle", round);
+5. **strategy step** (after the uplink mirror, for linear strategies), then a divergence check;
+6. **accounting**: uplink bytes, samples, the step's metrics.
+
+Evaluation and callbacks (`evaluate`, `end_round`) are shared too; the servers only choose the
+rounds that evaluate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.contract import RunFacts, Strategy
+from fedsim.errors import FedsimError
+from fedsim.execution.worker import NodeTask, RoundResult
+from fedsim.faults.byzantine import Byzantine, inject
+from fedsim.logging import Callback
+from fedsim.state import RunState
+from fedsim.types import RoundInfo, UpdateBatch
+from fedsim.uplink import Uplink
+
+Starts = Callable[[UpdateBatch], torch.Tensor]
+"""The model each row of a batch started from: (k, d), or (d,) when all started from the same."""
+
+
+def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
+    """The struct-of-arrays view of a round's node results (rows already sorted by node id)."""
+    k = len(result.node_ids)
+    keys = sorted({key for m in result.metrics for key in m})
+    return UpdateBatch(
+        node_ids=torch.tensor(result.node_ids, dtype=torch.int64),
+        messages=result.messages,
+        num_examples=torch.tensor(result.num_examples, dtype=torch.int64),
+        base_version=torch.full((k,), version, dtype=torch.int64),
+        bytes_up=torch.tensor(result.row_bytes(), dtype=torch.int64).reshape(k),
+        metrics={key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64)
+                 for key in keys},
+        report=result.report,
+    )
+
+
+def weighted_node_metrics(batch: UpdateBatch) -> dict[str, float]:
+    """Every per-node metric (train/loss, train/acc, ...) as its example-weighted mean."""
+    w = batch.num_examples.to(torch.float64)
+    out = {}
+    for key, values in batch.metrics.items():
+        ok = torch.isfinite(values) & (w > 0)
+        if ok.any():
+            out[key] = float((values[ok] * w[ok]).sum() / w[ok].sum())
+    return out
+
+
+def broadcast_bytes(extra: dict[str, Any] | None) -> int:
+    """Downlink bytes of a strategy's broadcast: 4 per number (float32), 1 per other entry."""
+    if not extra:
+        return 0
+    total = 0
+    for value in extra.values():
+        if value is None:
+            continue
+        arr = np.asarray(value)
+        total += 4 * arr.size if arr.dtype.kind in "biuf" else 1
+    return total
+
+
+def merge_node_states(old: dict[int, Any], result: RoundResult) -> dict[int, Any]:
+    """The per-node states after a round: the nodes that ran replace theirs."""
+    node_states = dict(old)
+    for nid, s in zip(result.node_ids, result.states):
+        if s is not None:
+            node_states[nid] = s
+    return node_states
+
+
+def add_totals(totals: dict[str, float], **amounts: float) -> dict[str, float]:
+    out = dict(totals)
+    for key, value in amounts.items():
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+class Pipeline:
+    """One run's pipeline: the strategy, the executor, the faults, the uplink, the evaluator and
+    the callbacks, as the servers use them."""
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        executor: Any,
+        byzantine: Byzantine,
+        uplink: Uplink,
+        evaluator: Callable[[torch.Tensor], dict[str, object]] | None,
+        callbacks: Sequence[Callback],
+        facts: RunFacts,
+        participation: Any,
+        latency: Any,
+        nodes_per_round: int,
+    ) -> None:
+        self.strategy = strategy
+        self.executor = executor
+        self.byzantine = byzantine
+        self.uplink = uplink
+        self.uplink_mode = uplink.mode(strategy)
+        self.evaluator = evaluator
+        self.callbacks = list(callbacks)
+        self.facts = facts
+        self.participation = participation
+        self.latency = latency
+        self.nodes_per_round = int(nodes_per_round)
+        self.start = time.perf_counter()
+
+    # -- 1. collect ---------------------------------------------------------------------------
+
+    def train(self, params: torch.Tensor | None, round_: int, tasks: list[NodeTask],
+              broadcast: dict[str, Any] | None = None, *, dim: int) -> RoundResult:
+        """Run the nodes' client updates (and their uplink encoding) on the executor."""
+        if not tasks:
+            return RoundResult([], torch.zeros(0, dim), [], [], [])
+        return self.executor.run_round(params, round_, tasks, broadcast)
+
+    # -- 2-6. one step ------------------------------------------------------------------------
+
+    def step(
+        self,
+        state: RunState,
+        result: RoundResult,
+        info: RoundInfo,
+        *,
+        faulty: list[int],
+        base_version: torch.Tensor | None = None,
+        starts: Starts | None = None,
+        skip_empty: bool = False,
+    ) -> tuple[RunState, dict[str, Any]] | None:
+        """Aggregate one step's rows into a new state; returns the state and the step's metrics,
+        or None when ``skip_empty`` and there is nothing to aggregate. ``faulty``: the faulty
+        senders of this step (the attack writes rows for them); ``starts``: the model each row
+        started from (needed for the ``current`` and ``model`` row spaces)."""
+        strategy, caps = self.strategy, self.strategy.capabilities
+        batch = to_batch(result, version=state.version)
+        if base_version is not None:
+            batch.base_version = base_version
+        node_metrics = weighted_node_metrics(batch)
+        uplink_state = state.uplink_state
+        if self.uplink_mode == "per_node":
+            batch, uplink_state = self.uplink.decode(batch, uplink_state)
+        batch = self.rows(batch, state.params, starts)
+        attack_state, attack_metrics = state.attack_state, {}
+        if self.byzantine.num:
+            attack = self.byzantine.attack
+            needs = attack is not None and attack.needs_defence and self.byzantine.is_update_attack and faulty
+            defence = strategy.defence(state.strategy_state, info) if needs else None
+            injected = inject(batch, faulty, byzantine=self.byzantine, info=info, state=attack_state,
+                              defence=defence, sizes=self.facts.sizes)
+            batch, attack_state = injected.batch, injected.attack_state
+            attack_metrics = {"attack/byzantine_rows": injected.num_byzantine, "attack/byzantine_sampled": len(faulty)}
+            if "tau" in attack_state:
+                attack_metrics["attack/tau"] = float(attack_state["tau"])
+        if skip_empty and len(batch) == 0:
+            return None
+        if len(batch) == 0 and not caps.accepts_empty:
+            # nobody took part (availability models) or every sampled node is silent: the model
+            # stays; strategies that count absences (FedAU) still see the round
+            params, strategy_state, agg = state.params, state.strategy_state, {}
+        else:
+            rows = batch
+            if self.uplink_mode == "mirror":
+                rows, uplink_state = self.uplink.reduce(batch, uplink_state)
+            params, strategy_state, agg = strategy.step(state.params, rows, state.strategy_state, info)
+        self.check_finite(params, info, attacked=bool(self.byzantine.num) and self.byzantine.is_update_attack)
+        samples = sum(strategy.client.work(n) for n in result.num_examples)
+        metrics: dict[str, Any] = {"round": state.round, **node_metrics, **agg, **attack_metrics, "train/samples": samples}
+        if self.facts.server == "p2p":  # no uplink: members exchange models (the server counts them)
+            totals = add_totals(state.totals, samples=samples)
+        else:
+            up = int(batch.bytes_up.sum())
+            totals = add_totals(state.totals, bytes_up=up, samples=samples)
+            metrics.update({"comm/bytes_up": up, "comm/bytes_up_total": totals["bytes_up"]})
+        new = state.replace(round=state.round + 1, version=state.version + 1, params=params,
+                            strategy_state=strategy_state, totals=totals, attack_state=attack_state,
+                            uplink_state=uplink_state)
+        return new, metrics
+
+    def rows(self, batch: UpdateBatch, params: torch.Tensor, starts: Starts | None) -> UpdateBatch:
+        """The batch in the strategy's row space (`Capabilities.rows`)."""
+        space = self.strategy.capabilities.rows
+        if space == "update" or batch.report or len(batch) == 0:
+            return batch
+        if starts is None:
+            raise ValueError(f"rows={space} needs the models the rows started from")
+        S = starts(batch)
+        if space == "current":
+            messages = batch.messages + (params.unsqueeze(0) - S)  # x_sent - y  ->  x_now - y
+        else:
+            messages = S - batch.messages  # the node's model after its step
+        return UpdateBatch(batch.node_ids, messages, batch.num_examples, batch.base_version, batch.bytes_up,
+                           batch.metrics, batch.report)
+
+    def check_finite(self, params: torch.Tensor, info: RoundInfo, *, attacked: bool) -> None:
+        if bool(torch.isfinite(params).all()):
+            return
+        cause = ("the Byzantine rows got through the aggregation (use a robust aggregator)" if attacked
+                 else "the learning rates are too large for this model (lower strategy.client.lr or the server lr)")
+        raise FedsimError(f"the model became NaN or Inf in step {info.round}; likely cause: {cause}")
+
+    # -- evaluation and callbacks --------------------------------------------------------------
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, object]:
+        return self.evaluator(params) if self.evaluator is not None else {}
+
+    def end_round(self, t: int, metrics: dict[str, Any], *, t0: float) -> None:
+        """Stamp the step's timings and hand its metrics to every callback."""
+        metrics["time/round_s"] = time.perf_counter() - t0
+        metrics["time/elapsed_s"] = time.perf_counter() - self.start
+        for cb in self.callbacks:
+            cb.on_round_end(t, metrics)
+
+    def summary(self, state: RunState, last_eval: dict[str, object], **extra: object) -> dict[str, object]:
+        """The end-of-run summary: rounds, the last evaluation's scalars, totals, wall time."""
+        return {
+            "rounds": state.round,
+            **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
+            **extra,
+            "time/elapsed_s": time.perf_counter() - self.start,
+        }

@@ -1,0 +1,107 @@
+"""The compressed uplink, an engine stage (config groups ``compressor`` and ``feedback``).
+
+Node side (`Uplink.encode`, run by the worker right after the client update): the client's
+message g becomes what is sent, by the feedback rule (``strategies/feedback.py``) with the
+compressor (``fedsim/compress.py``); the rule's per-node state (e, h, v) lives in the node's
+state under ``"uplink"``; random compressors draw from (seed, "compress", round, node). Messages
+a client flags as reports (``ClientResult.report``: VRLS's label counts, calibration sums and
+marginals) pass uncompressed and untouched.
+
+Server side, for the rules whose messages are increments of a per-node estimate h_i (EF21,
+EF21-SGDM, EControl; `Feedback.estimate`), one of two modes, chosen from the strategy's declared
+contract:
+
+- **mirror** (the strategy is ``linear``: its step depends on the rows only through their
+  weighted mean): the server keeps h = sum_i w_i h_i in d floats, adds sum_{received i} w_i Delta_i
+  every step (w_i = 1/N, or n_i / sum n for example-weighted strategies) and hands the strategy
+  h as the one row of the step. Nodes that are not sampled keep contributing their last h_i
+  (EF21 under partial participation).
+- **per node** (any other strategy: robust aggregators, FedAU's weights, stale-update steps):
+  the server keeps every sender's h_i (d floats per node that has sent; N d in the end) and
+  hands the strategy the senders' current h_i as their rows, so the strategy combines the
+  nodes' estimates as it would combine their messages.
+
+Naive compression and EF14 send C(.) of a vector in message units: the rows are the messages.
+The attack sees the rows as the strategy will combine them (``fedsim.server.pipeline``): the
+increments in mirror mode, the estimates h_i in per-node mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.compress import Compressor
+from fedsim.contract import Feedback, RunFacts, Strategy
+from fedsim.seeding import torch_rng
+from fedsim.types import ClientContext, NodeState, UpdateBatch
+
+MODES = ("none", "mirror", "per_node")
+
+
+class Uplink:
+    """A compressor with a feedback rule; ``active`` is False for the identity compressor without
+    feedback (messages go as they are)."""
+
+    def __init__(self, compressor: Compressor, feedback: Feedback) -> None:
+        self.compressor = compressor
+        self.feedback = feedback
+        self.active = not (compressor.is_identity and feedback.name == "none")
+
+    # -- node side ---------------------------------------------------------------------------
+
+    def encode(
+        self, g: torch.Tensor, state: NodeState | None, ctx: ClientContext, sizes: Sequence[int]
+    ) -> tuple[torch.Tensor, int, NodeState, dict[str, float]]:
+        """(message sent, its bytes, the node's new uplink state, metrics) for the client's g."""
+        rng = torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id)
+        message, nbytes, new = self.feedback.node(g, state or {}, lambda v: self.compressor.compress(v, rng, sizes))
+        metrics = {"compress/error_norm": float(new["e"].norm())} if "e" in new else {}
+        return message, nbytes, new, metrics
+
+    # -- server side -------------------------------------------------------------------------
+
+    def mode(self, strategy: Strategy) -> str:
+        if not self.active or not self.feedback.estimate:
+            return "none"
+        return "mirror" if strategy.capabilities.linear else "per_node"
+
+    def init(self, params: torch.Tensor, strategy: Strategy, facts: RunFacts) -> dict[str, Any]:
+        mode = self.mode(strategy)
+        if mode == "mirror":
+            w = np.asarray(facts.sizes, dtype=np.float64)
+            if not strategy.capabilities.weighted or w.sum() <= 0:
+                w = np.ones_like(w)
+            return {"h": torch.zeros_like(params), "node_weights": torch.from_numpy(w / w.sum())}
+        if mode == "per_node":
+            return {"h": {}}
+        return {}
+
+    def decode(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
+        """Per-node mode: each sender's increment is added to the server's copy of its h_i, and
+        its row becomes h_i. Other modes and reports: unchanged."""
+        if batch.report or "h" not in state or not isinstance(state["h"], dict) or len(batch) == 0:
+            return batch, state
+        h = dict(state["h"])
+        rows = []
+        for nid, delta in zip(batch.node_ids.tolist(), batch.messages):
+            old = h.get(nid)
+            h[nid] = delta.clone() if old is None else old + delta
+            rows.append(h[nid])
+        out = UpdateBatch(batch.node_ids, torch.stack(rows), batch.num_examples, batch.base_version, batch.bytes_up,
+                          batch.metrics, batch.report)
+        return out, {**state, "h": h}
+
+    def reduce(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
+        """Mirror mode: fold the step's increments into h = sum_i w_i h_i and hand the strategy h
+        as the step's single row. Other modes and reports: unchanged."""
+        if batch.report or len(batch) == 0 or not isinstance(state.get("h"), torch.Tensor):
+            return batch, state
+        w = state["node_weights"].index_select(0, batch.node_ids).to(batch.messages.dtype)
+        h = state["h"] + w @ batch.messages
+        one = torch.ones(1, dtype=torch.int64)
+        out = UpdateBatch(batch.node_ids[:1], h.unsqueeze(0), one, batch.base_version[:1], batch.bytes_up[:1])
+        return out, {**state, "h": h}
