@@ -17,7 +17,7 @@ from tests.conftest import compose
 
 # A Gaussian mixture in the paper's 5clients setting: train node k holds class 5+k at 0.95, its
 # test set class k at 0.95, so about 5 training examples of each class 0-4 per node.
-SMALL = ["dataset=synthetic", "dataset.n_train=10000", "dataset.n_test=2000", "dataset.separation=5.0",
+SMALL = ["partition=vrls_5clients", "dataset=synthetic", "dataset.n_train=10000", "dataset.n_test=2000", "dataset.separation=5.0",
          "model=mlp", "model.hidden=[32]", "strategy.predictor_rounds=400", "strategy.calibration_rounds=6",
          "strategy.client.batch_size=64", "rounds=150", "eval_every=0", "seed=3"]
 
@@ -114,7 +114,7 @@ def test_local_form_and_bbse_run_end_to_end():
 
 @pytest.mark.parametrize("extra,message", [
     (["server=async"], "strategy=vrls runs on server=sync, not server=async"),
-    (["nodes_per_round=3"], "every node in every round"),
+    (["strategy.estimate_rounds=0"], "estimate_rounds"),
     (["strategy.estimator=magic"], "estimator"),
     (["strategy.client.form=sometimes"], "form"),
     (["strategy.client.holdout=0"], "holdout"),
@@ -124,6 +124,66 @@ def test_bad_configs_fail_with_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as err:
         build(compose(*SMALL, "strategy=vrls", "cluster=local", *extra))
     assert "\n" not in str(err.value)
+
+
+SHORT = ["strategy.predictor_rounds=30", "strategy.calibration_rounds=2", "rounds=3", "cluster=local"]
+
+
+def test_partial_participation_pools_the_nodes_that_have_reported():
+    """Under Bernoulli participation every phase uses the round's nodes; the target pools the
+    estimates of the nodes sampled in the estimate rounds, and more estimate rounds hear more."""
+    part = ["partition=dirichlet", "partition.node_test=iid", "num_nodes=12", "nodes_per_round=12",
+            "participation=bernoulli", "participation.rates=constant", "participation.p=0.3"]
+    one = run("strategy=vrls", *SHORT, *part)
+    many = run("strategy=vrls", *SHORT, *part, "strategy.estimate_rounds=8")
+    for sim, state, _, rounds in (one, many):
+        reported = np.isfinite(state.strategy_state["q_hat"]).all(1)
+        heard = [m["vrls/estimates"] for m in rounds if "vrls/estimates" in m]
+        assert heard == [int(reported.sum())] and 0 < heard[0] <= 12
+        target = state.strategy_state["target"]
+        assert np.isfinite(target).all() and target.min() >= 0 and target.sum() == pytest.approx(1)
+        assert sim.total_rounds == 30 + 2 + sim.strategy.estimate_rounds + 3
+    assert np.isfinite(one[1].strategy_state["q_hat"]).all(1).sum() < np.isfinite(
+        many[1].strategy_state["q_hat"]).all(1).sum()
+
+
+def test_robust_pooling_resists_lying_reports():
+    """Two of ten nodes report all mass on class 0 from a huge test sample: the plain mean (the
+    paper's pooling by sample size) follows them, the median does not."""
+    honest = np.random.default_rng(0).dirichlet(100 * np.array([0.1, 0.2, 0.3, 0.4]), size=8)
+    liars = np.tile([1.0, 0.0, 0.0, 0.0], (2, 1))
+    rows, sizes = np.vstack([honest, liars]), np.array([100.0] * 8 + [1e6] * 2)
+    mean_vrls = build(compose(*SMALL, "strategy=vrls", "cluster=local")).strategy
+    median_vrls = build(compose(*SMALL, "strategy=vrls", "strategy/aggregator=median", "cluster=local")).strategy
+    truth = honest.mean(0)
+    assert not mean_vrls.robust and median_vrls.robust
+    assert np.abs(mean_vrls.pooled(rows, sizes) - truth).sum() > 1.0
+    assert np.abs(median_vrls.robust_pool(rows) - np.median(rows, axis=0)).max() < 1e-12
+    robust = median_vrls.robust_pool(rows) / median_vrls.robust_pool(rows).sum()
+    assert np.abs(robust - truth).sum() < 0.1 < 1.0 < np.abs(mean_vrls.pooled(rows, sizes) - truth).sum()
+
+
+def test_byzantine_nodes_lie_in_their_reports_and_robust_pooling_survives():
+    """A Byzantine node's report rows come from the attack like any row; with the median the
+    pipeline runs every phase to a valid target and a finite model."""
+    sim, state, summary, rounds = run("strategy=vrls", *SHORT, "partition=dirichlet", "num_nodes=9",
+                                      "nodes_per_round=9", "byzantine.num=2", "attack=alie",
+                                      "strategy/aggregator=median")
+    assert [m["attack/byzantine_rows"] for m in rounds] == [2] * len(rounds)
+    lied = state.strategy_state["q_hat"][sorted(sim.byzantine.ids)]
+    assert np.isfinite(lied).all()  # the attackers' estimates were received (and pooled robustly)
+    target = state.strategy_state["target"]
+    assert target.sum() == pytest.approx(1) and np.isfinite(summary["eval/acc"])
+
+
+def test_compressed_uplink_compresses_training_and_leaves_reports_alone():
+    sim, state, _, rounds = run("strategy=vrls", *SHORT, "compressor=top_k", "compressor.ratio=0.05", "feedback=ef14")
+    d, phases = sim.num_params, [m["vrls/phase"] for m in rounds]
+    report_bytes = [m["comm/bytes_up"] for m, ph in zip(rounds, phases) if ph in (1, 2)]
+    train_bytes = [m["comm/bytes_up"] for m, ph in zip(rounds, phases) if ph in (0, 3)]
+    assert max(report_bytes) < 5 * 4 * 200 and max(train_bytes) < 5 * 4 * d * 0.2  # reports exact, updates sparse
+    assert all("e" in s["uplink"] for s in state.node_states.values())
+    assert np.isfinite(state.strategy_state["target"]).all()
 
 
 def test_the_client_refuses_to_run_without_the_server_phase():
