@@ -172,5 +172,5 @@ def test_vrls_headline_command_on_cifar10_files(tmp_path):
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     rounds = [r for r in records[1:-1]]
     assert [r["vrls/phase"] for r in rounds] == [0, 0, 0, 1, 1, 2, 3, 3]
-    assert records[0]["config"]["num_nodes"] == 5 and records[-1]["rounds"] == 8
+    assert records[0]["config"]["num_nodes"] == 20 and records[-1]["rounds"] == 8
     assert "eval/node_acc_mean" in records[-1] and "vrls/ratio_mse_mean" in rounds[6]
