@@ -25,7 +25,7 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """Hydra's multi-line composition errors, folded into one line with the available options."""
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -44,6 +44,10 @@ def _one_line(exc: BaseException) -> str:
     override = re.match(r"Could not override '([^']+)'", first)
     if override:
         key = override.group(1)
+        if key == "strategy/aggregator":
+            return ("the chosen strategy has no aggregator to choose (its aggregation is part of the method); drop "
+                    "strategy/aggregator=..., which applies to fedavg, fedprox, robust, floral, monna, vrls and the "
+                    "asynchronous steps")
         return f"there is no option '{key}'; check the spelling (a new key is added with +{key}=VALUE)"
     return first
 
@@ -78,7 +82,7 @@ def _preflight(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=argv)
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
-        _fail(_numeric_option(argv) or _one_line(exc), 2)
+        _fail(_numeric_option(argv) or one_line(exc), 2)
     try:
         validate(cfg)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ to provide the files.
 from __future__ import annotations
 
 import gzip
+import functools
 import os
 import pickle
 import socket
@@ -46,12 +47,21 @@ def _split(
 
 def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), as (1, 8, 8) in [0, 1]."""
+    x, y = _digits_arrays()
+    return _split("digits", x, y, 10, test_fraction, split_seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Parsed once per process (sklearn reads them from a compressed CSV); never written to."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    return _split("digits", x, y, 10, test_fraction, split_seed)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 def load_moons(

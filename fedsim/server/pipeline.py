@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fedsim.contract import RunFacts, Strategy
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 from fedsim.execution.worker import NodeTask, RoundResult
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.logging import Callback
@@ -173,10 +173,14 @@ class Pipeline:
                 attack_metrics["attack/tau"] = float(attack_state["tau"])
         if skip_empty and len(batch) == 0:
             return None
-        if len(batch) == 0 and not caps.accepts_empty:
-            # nobody took part (availability models) or every sampled node is silent: the model
-            # stays; strategies that count absences (FedAU) still see the round
+        too_few = self.too_few_rows(len(batch))
+        if (len(batch) == 0 and not caps.accepts_empty) or too_few:
+            # nobody took part (availability models), every sampled node is silent, or fewer rows
+            # arrived than the rule needs (partial participation): the model stays; strategies
+            # that count absences (FedAU) still see empty rounds
             params, strategy_state, agg = state.params, state.strategy_state, {}
+            if too_few:
+                agg = {"agg/skipped": 1}
         else:
             rows = batch
             if self.uplink_mode == "mirror":
@@ -195,6 +199,18 @@ class Pipeline:
                             strategy_state=strategy_state, totals=totals, attack_state=attack_state,
                             uplink_state=uplink_state)
         return new, metrics
+
+    def too_few_rows(self, rows: int) -> bool:
+        """Whether this step has fewer rows than the strategy's rule needs (possible only when
+        the number of senders varies: availability models, asynchronous buffers)."""
+        if rows == 0:
+            return False
+        declared = self.strategy.rows_per_step(self.facts)
+        try:
+            self.strategy.check(rows if declared is None else int(declared))
+        except ConfigError:
+            return True
+        return False
 
     def rows(self, batch: UpdateBatch, params: torch.Tensor, starts: Starts | None) -> UpdateBatch:
         """The batch in the strategy's row space (`Capabilities.rows`)."""

@@ -138,3 +138,28 @@ def test_worker_momentum_persists_across_rounds_in_node_state():
     model.load(start)
     r = step(model, start, data, None, c0)
     assert torch.allclose(r.message, 0.75 * g0)
+
+
+def test_fedprox_adds_the_proximal_gradient_at_every_step():
+    """With lr * mu = 1 the second step lands on w0 - lr g(w1): FedProx's message after 2 steps is
+    LocalSGD's after 2 steps minus LocalSGD's after 1 (the same minibatches from the same stream);
+    mu = 0 is LocalSGD bit for bit; a larger mu keeps the node closer to the model it received."""
+    from strategies.fedprox import FedProxClient
+
+    model = FlatModel(nn.Linear(4, 2))
+    start = model.vector()
+    ctx = ClientContext(0, 0, 0, 2)
+
+    def message(update):
+        model.load(start)
+        return update(model, start, linear_node(), None, ctx).message
+
+    two, one = message(LocalSGD(lr=0.5, steps=2, batch_size=4)), message(LocalSGD(lr=0.5, steps=1, batch_size=4))
+    prox = message(FedProxClient(mu=2.0, lr=0.5, steps=2, batch_size=4))
+    assert torch.allclose(prox, two - one, atol=1e-6)
+    assert torch.equal(message(FedProxClient(mu=0.0, lr=0.5, steps=5, batch_size=4)),
+                       message(LocalSGD(lr=0.5, steps=5, batch_size=4)))
+    norms = [float(message(FedProxClient(mu=mu, lr=0.1, steps=10, batch_size=4)).norm()) for mu in (0.0, 1.0, 5.0)]
+    assert norms[0] > norms[1] > norms[2]
+    with pytest.raises(ConfigError, match="mu=-1"):
+        FedProxClient(mu=-1)
