@@ -1,9 +1,9 @@
 """Uplink compressors (config group ``compressor``), all *contractive*:
-E||C(v) - v||^2 <= (1 - delta) ||v||^2 for some delta in (0, 1] (shared/specs/econtrol.md,
+E||C(v) - v||^2 <= (1 - delta) ||v||^2 for some delta in (0, 1] (docs/methods/econtrol.md,
 "Compressors"). Error feedback (strategies/compression.py) relies on that property; the scaled
 (d/k) random-k and plain unbiased quantisers are not contractive and are deliberately absent.
 
-Interface (DESIGN.md section 5): ``compress(v, rng, sizes=None) -> payload``,
+Interface: ``compress(v, rng, sizes=None) -> payload``,
 ``decompress(payload) -> v`` and ``nbytes(payload)``. ``sizes`` are the model's per-tensor
 lengths; with ``layerwise=True`` each tensor is compressed on its own (top-k keeps
 k_l = ceil(ratio * d_l) per tensor), otherwise the flat vector is compressed as one.
@@ -169,7 +169,7 @@ class QSGD(Compressor):
     """QSGD quantisation (Alistarh et al. 2017) with s levels, made contractive by 1/(1 + omega):
     Q(v)_j = ||v||_2 sign(v_j) xi_j / s with xi_j the stochastic rounding of s|v_j|/||v||_2,
     unbiased with variance factor omega = min(d/s^2, sqrt(d)/s); C(v) = Q(v) / (1 + omega),
-    delta = 1/(1 + omega) (shared/specs/econtrol.md, "Quantisation")."""
+    delta = 1/(1 + omega) (docs/methods/econtrol.md, "Compressors")."""
 
     name = "qsgd"
 

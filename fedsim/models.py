@@ -118,7 +118,7 @@ class RandomFourierSVM(nn.Module):
     (Rahimi & Recht 2007): phi(x) = sqrt(2/D) cos(W x + b), W ~ N(0, 2 gamma I), b ~ U[0, 2 pi),
     then a linear layer to the class scores. The features are fixed by ``feature_seed`` (the same
     on every node, not parameters, never trained or averaged), so nodes train and the server
-    averages only the head: the parameter-averageable FLORAL head of shared/specs/floral.md.
+    averages only the head: a parameter-averageable FLORAL head (docs/methods/floral.md).
     Train it with ``strategy.client.objective=hinge`` (multi-class SVM loss) and weight decay."""
 
     def __init__(

@@ -60,7 +60,7 @@ class Simulation:
     num_params: int
     facts: RunFacts
     uplink: Uplink
-    byzantine: Byzantine = Byzantine()
+    byzantine: Byzantine = field(default_factory=Byzantine)
     latency: Any = None
     names: dict[str, str] = field(default_factory=dict)
 

@@ -38,11 +38,11 @@ def main() -> None:
         for name in names:
             cfg = compose(config_name="config", overrides=[f"strategy/aggregator={name}", f"byzantine.num={args.f}"])
             agg = instantiate(cfg.strategy.aggregator)
-            best = min(_time(lambda: agg.aggregate(U, w, agg.init())) for _ in range(args.repeat))
+            best = min(_time(lambda agg=agg: agg.aggregate(U, w, agg.init())) for _ in range(args.repeat))
             print(f"{name:<28}{best:>10.3f}")
     for name in sorted(PRE_AGGREGATORS):
         pre = build_chain([name], f=args.f)[0]
-        best = min(_time(lambda: pre(U, w, rng=torch.Generator().manual_seed(0))) for _ in range(args.repeat))
+        best = min(_time(lambda pre=pre: pre(U, w, rng=torch.Generator().manual_seed(0))) for _ in range(args.repeat))
         print(f"{'pre:' + name:<28}{best:>10.3f}")
 
 

@@ -171,7 +171,7 @@ def floral(
 ) -> FloralResult:
     """Run the FLORAL game on (X, y) (y 0/1 or -1/+1, possibly poisoned). Defaults are the Moon
     config of the authors' code (C 10, RBF gamma 0.5, lr 1e-4, 501 rounds, B = 25). ``sv_tol``
-    is relative to C = 10 (scaled by C / 10, the spec's advice)."""
+    is relative to C = 10 (scaled by C / 10, so that it follows the scale of the box)."""
     if rounds < 1 or budget < 0 or lr <= 0 or C <= 0:
         raise ConfigError("floral: need rounds >= 1, budget >= 0, lr > 0 and C > 0")
     y = _pm1(y)

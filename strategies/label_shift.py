@@ -1,4 +1,4 @@
-"""Label-shift estimation as pure functions (shared/specs/vrls.md, stages A-C).
+"""Label-shift estimation as pure functions (docs/methods/vrls.md, estimation).
 
 Under label shift p_te(x|y) = p_tr(x|y), only the label marginals differ: π (training, known)
 and q (test, unknown). These functions estimate q, and the ratio r = q / π, from a predictor's

@@ -47,7 +47,7 @@ Estimators (``estimator``): ``vrls`` (ζ > 0, calibrated, EM), ``mlls`` (ζ = 0)
 Two training forms (``client.form``): ``fedsgd``, as the paper's code: each node sends the gradient
 of its weighted loss on one minibatch, the server averages the gradients with equal weights and
 takes an Adam step (lr 1e-3, weight decay 1e-6); ``local``: the weighted loss inside FedAvg's
-local SGD (the spec's natural generalisation), with the server's SGD step of lr 1.
+local SGD (the natural generalisation to local steps), with the server's SGD step of lr 1.
 
 Departures and unverified parts:
 - the predictor is trained federatedly here; the paper's notebook fine-tunes it centrally;

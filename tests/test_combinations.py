@@ -14,7 +14,7 @@ import math
 import multiprocessing as mp
 import sys
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ BASE = ["dataset=digits", "model=logreg", "num_nodes=8", "nodes_per_round=8", "r
 CELLS = list(itertools.product(STRATEGIES, SERVERS, UPLINKS, ATTACKS, PARTICIPATION))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _composed(strategy: str, server: str, attack: str):
     from hydra import compose, initialize_config_dir
 

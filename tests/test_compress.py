@@ -19,7 +19,7 @@ def gen(seed: int = 1) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# Byte formulas of shared/specs/econtrol.md, computed here independently of fedsim.compress.
+# Byte formulas of docs/methods/econtrol.md, computed here independently of fedsim.compress.
 def sparse_bytes(k: int, d: int) -> int:
     return math.ceil(k * (32 + math.ceil(math.log2(d))) / 8)
 
@@ -69,7 +69,7 @@ def test_top_k_keeps_the_largest_entries():
 @pytest.mark.parametrize("compressor", [TopK(ratio=0.05), RandK(ratio=0.05), Sign(), QSGD(levels=4)],
                          ids=["top_k", "rand_k", "sign", "qsgd"])
 def test_compressors_are_contractive(compressor):
-    """E||C(v) - v||^2 <= (1 - delta)||v||^2 with the spec's delta (averaged over draws for the
+    """E||C(v) - v||^2 <= (1 - delta)||v||^2 with the documented delta (averaged over draws for the
     random ones)."""
     d = 400
     v = vec(d, 3) ** 3  # heavy-tailed, so top-k and sign differ clearly from rand-k

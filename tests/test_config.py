@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fedsim.config import GROUPS, validate
+from fedsim.contract import Capabilities, Feedback, Strategy
 from fedsim.data.base import Dataset, FederatedData
 from fedsim.errors import ConfigError
 from fedsim.execution.worker import NodeTask, WorkerSpec
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.seeding import np_rng
-from fedsim.contract import Capabilities, Feedback, Strategy
 from fedsim.simulation import make
 from fedsim.uplink import Uplink
 from tests.conftest import CONF, compose, run_facts

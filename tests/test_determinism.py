@@ -1,4 +1,4 @@
-"""DESIGN.md section 4: results are a function of (config, seed) alone, not of the executor, the
+"""docs/design.md, "Determinism": results are a function of (config, seed) alone, not of the executor, the
 number of actors or the number of machines."""
 
 from __future__ import annotations

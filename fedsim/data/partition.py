@@ -1,7 +1,7 @@
 """Partitioners: split a dataset's train (and test) split over nodes.
 
 Each partitioner is a callable ``(y_train, y_test, num_nodes, rng) -> Partition``. The recipes
-follow ../shared/specs/partitioning.md; each class names the variant it implements, because four
+are docs/methods/partitioning.md; each class names the variant it implements, because four
 different procedures are all called "Dirichlet(alpha)" in the literature.
 
 Per-node test sets (``node_test``):

@@ -7,8 +7,8 @@ to provide the files.
 
 from __future__ import annotations
 
-import gzip
 import functools
+import gzip
 import os
 import pickle
 import socket

@@ -7,7 +7,7 @@
 - Nodes are assigned to actors per round by longest-processing-time-first on their expected
   work, so a synchronous round is not held up by an unlucky draw. Because every actor can read
   every node's data and per-node state travels with the call, this assignment cannot change
-  results (DESIGN.md section 4).
+  results (docs/design.md, "Determinism").
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class RayExecutor:
             if part
         ]
         results = []
-        for actor, part, fut in futures:
+        for _actor, part, fut in futures:
             try:
                 results.append(ray.get(fut))
             except ray.exceptions.RayTaskError as exc:

@@ -23,7 +23,7 @@ class JsonlLogger(Callback):
     def on_run_start(self, meta: RunMeta) -> None:
         meta.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = meta.output_dir / self.filename
-        self.fh = open(self.path, "w", encoding="utf-8")
+        self.fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         self._write({"event": "run_start", "name": meta.run_name, "group": meta.group, "names": meta.names,
                      "info": meta.info, "config": meta.config})
 

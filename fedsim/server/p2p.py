@@ -66,7 +66,7 @@ class P2PServer(Server):
         return t == self.rounds - 1 or (every > 0 and (t + 1) % every == 0)
 
     def run(self, state: RunState, pipeline: Pipeline) -> tuple[RunState, dict[str, Any]]:
-        strategy, byzantine, facts = pipeline.strategy, pipeline.byzantine, pipeline.facts
+        byzantine, facts = pipeline.byzantine, pipeline.facts
         members = list(facts.members)
         honest = [r for r, i in enumerate(members) if i not in byzantine.ids] or [0]
         faulty = sorted(byzantine.ids) if byzantine.is_update_attack else []
@@ -79,7 +79,7 @@ class P2PServer(Server):
             result = pipeline.train(None, t, tasks, dim=int(X.shape[1]))
             train_s = time.perf_counter() - t0
             info = RoundInfo(t, state.version, self.seed, self.num_nodes, tuple(members), byzantine.declared)
-            stepped = pipeline.step(state, result, info, faulty=faulty, starts=lambda batch: X)
+            stepped = pipeline.step(state, result, info, faulty=faulty, starts=lambda batch, X=X: X)
             assert stepped is not None
             state, metrics = stepped
             sent = int(metrics.pop("p2p/vectors_sent", 0))

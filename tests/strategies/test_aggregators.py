@@ -1,5 +1,5 @@
 """Aggregators and pre-aggregators: one conformance suite over every aggregator config in
-conf/strategy/aggregator (DESIGN.md section 9), then known answers on small hand-computed
+conf/strategy/aggregator (docs/design.md, "Tests"), then known answers on small hand-computed
 matrices for each rule."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 from fedsim.errors import ConfigError
 from fedsim.simulation import make
 from strategies.aggregators import (
+    NNA,
     CenteredClipping,
-    Median,
     GeometricMedian,
     Krum,
     Meamed,
+    Median,
     MultiKrum,
-    NNA,
     TrimmedMean,
     pairwise_sq_distances,
 )

@@ -66,7 +66,7 @@ def run_quadratic(feedback, *, steps: int, k: int = 5) -> tuple[float, float]:
 
 
 def test_heterogeneous_quadratic_separates_the_feedback_rules():
-    """The spec's main qualitative test: with top-k and full gradients EF21 and EControl reach
+    """The main qualitative check of docs/methods/econtrol.md: with top-k and full gradients EF21 and EControl reach
     machine precision; EF14 is stuck far from it after the same steps; naive compression stalls."""
     steps = 2000
     start, naive = run_quadratic(NoFeedback(), steps=steps)

@@ -1,4 +1,4 @@
-"""FedAU's estimator and the unknown-participation weightings (shared/specs/fedau.md)."""
+"""FedAU's estimator and the unknown-participation weightings (docs/methods/fedau.md)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_cutoff_bounds_the_weight_by_k():
 
 
 def test_estimator_rule_by_hand():
-    c = np.array([0, 3, 9]); M = np.array([0, 2, 1]); w = np.array([0.0, 4.0, 7.0])
+    c, M, w = np.array([0, 3, 9]), np.array([0, 2, 1]), np.array([0.0, 4.0, 7.0])
     used, c2, M2, w2 = estimator_update(c, M, w, np.array([True, True, False]), cutoff=10)
     assert used.tolist() == [1.0, 4.0, 7.0]  # cold start 1; else the mean recorded *before*
     assert c2.tolist() == [0, 0, 0] and M2.tolist() == [1, 3, 2]
