@@ -45,9 +45,11 @@ def one_line(exc: BaseException) -> str:
     if override:
         key = override.group(1)
         if key == "strategy/aggregator":
-            return ("the chosen strategy has no aggregator to choose (its aggregation is part of the method); drop "
-                    "strategy/aggregator=..., which applies to fedavg, fedprox, robust, floral, monna, vrls and the "
-                    "asynchronous steps")
+            return (
+                "the chosen strategy has no aggregator to choose (its aggregation is part of the method); drop "
+                "strategy/aggregator=..., which applies to fedavg, fedprox, robust, floral, monna, vrls and the "
+                "asynchronous steps"
+            )
         return f"there is no option '{key}'; check the spelling (a new key is added with +{key}=VALUE)"
     return first
 

@@ -50,22 +50,30 @@ def check(plan: Plan) -> None:
         if allowed == ["p2p"]:
             raise ConfigError(f"{s} runs peer to peer; add server=p2p")
         if server.kind == "p2p":
-            raise ConfigError(f"server=p2p runs peer-to-peer strategies (strategy=monna); {s} aggregates at a "
-                              "server: use server=sync or server=async")
+            raise ConfigError(
+                f"server=p2p runs peer-to-peer strategies (strategy=monna); {s} aggregates at a "
+                "server: use server=sync or server=async"
+            )
         if allowed == ["async"]:
             raise ConfigError(f"{s} aggregates stale updates; add server=async")
         raise ConfigError(f"{s} runs on {' or '.join(f'server={k}' for k in allowed)}, not server={server.kind}")
     facts = plan.facts
     if caps.needs_all_nodes and not _every_node_every_round(plan):
-        raise ConfigError(f"{s} needs every node in every round; set nodes_per_round={facts.num_nodes} "
-                          f"(= num_nodes) and participation=uniform or participation=full")
+        raise ConfigError(
+            f"{s} needs every node in every round; set nodes_per_round={facts.num_nodes} "
+            f"(= num_nodes) and participation=uniform or participation=full"
+        )
     if plan.uplink.active and server.kind == "p2p":
-        raise ConfigError("server=p2p exchanges whole models between peers and has no uplink to compress; "
-                          "remove the compressor=/feedback= options (compressed gossip is not implemented)")
+        raise ConfigError(
+            "server=p2p exchanges whole models between peers and has no uplink to compress; "
+            "remove the compressor=/feedback= options (compressed gossip is not implemented)"
+        )
     attack = plan.byzantine.attack
     if attack is not None and attack.needs_defence and not caps.defence:
-        raise ConfigError(f"{plan.option('attack', attack)} line-searches its strength against the aggregation, "
-                          f"which {s} does not expose; use a fixed-strength attack (attack=alie, attack=ipm)")
+        raise ConfigError(
+            f"{plan.option('attack', attack)} line-searches its strength against the aggregation, "
+            f"which {s} does not expose; use a fixed-strength attack (attack=alie, attack=ipm)"
+        )
     strategy.check(server.rows_per_step(strategy, facts, plan.nodes_per_round))
 
 

@@ -60,7 +60,9 @@ class Compressor:
     def _one(self, v: torch.Tensor, rng: torch.Generator | None) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
-    def compress(self, v: torch.Tensor, rng: torch.Generator | None = None, sizes: Sequence[int] | None = None) -> Payload:
+    def compress(
+        self, v: torch.Tensor, rng: torch.Generator | None = None, sizes: Sequence[int] | None = None
+    ) -> Payload:
         d = int(v.numel())
         parts, total = [], 0
         offset = 0
@@ -100,7 +102,9 @@ class Identity(Compressor):
 class _Sparse(Compressor):
     def __init__(self, *, ratio: float | None = None, k: int | None = None, layerwise: bool = False) -> None:
         if (ratio is None) == (k is None):
-            raise ConfigError(f"{self.name}: set exactly one of compressor.ratio (fraction kept) and compressor.k (entries kept)")
+            raise ConfigError(
+                f"{self.name}: set exactly one of compressor.ratio (fraction kept) and compressor.k (entries kept)"
+            )
         if ratio is not None and not 0.0 < float(ratio) <= 1.0:
             raise ConfigError(f"{self.name}: compressor.ratio={ratio} must be in (0, 1]")
         if k is not None and int(k) < 1:

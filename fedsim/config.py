@@ -8,7 +8,20 @@ from omegaconf import DictConfig
 
 from fedsim.errors import ConfigError
 
-GROUPS = ("dataset", "partition", "model", "strategy", "attack", "compressor", "feedback", "participation", "latency", "server", "cluster", "logger")
+GROUPS = (
+    "dataset",
+    "partition",
+    "model",
+    "strategy",
+    "attack",
+    "compressor",
+    "feedback",
+    "participation",
+    "latency",
+    "server",
+    "cluster",
+    "logger",
+)
 
 
 def _int(cfg: DictConfig, key: str, *, minimum: int, prefix: str = "") -> int:

@@ -348,4 +348,3 @@ class Server:
 
     def total_rounds(self, strategy: Strategy) -> int:
         return int(self.rounds) + int(strategy.capabilities.extra_rounds)
-

@@ -122,7 +122,13 @@ class RandomFourierSVM(nn.Module):
     Train it with ``strategy.client.objective=hinge`` (multi-class SVM loss) and weight decay."""
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, *, features: int = 500, gamma: float = 0.5, feature_seed: int = 0
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        features: int = 500,
+        gamma: float = 0.5,
+        feature_seed: int = 0,
     ) -> None:
         super().__init__()
         if features < 1 or gamma <= 0:
@@ -142,7 +148,9 @@ class RandomFourierSVM(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(factory: Callable[..., nn.Module], input_shape: Sequence[int], num_classes: int, *, seed: int) -> nn.Module:
+def build_model(
+    factory: Callable[..., nn.Module], input_shape: Sequence[int], num_classes: int, *, seed: int
+) -> nn.Module:
     """Build a model with initial weights drawn from the stream (seed, "init"), leaving torch's
     global RNG as it was. Checks that it has no buffers and accepts the input shape."""
     with torch.random.fork_rng(devices=[]):

@@ -65,10 +65,18 @@ class Simulation:
     names: dict[str, str] = field(default_factory=dict)
 
     def pipeline(self, callbacks: Sequence[Callback] = ()) -> Pipeline:
-        return Pipeline(strategy=self.strategy, executor=self.executor, byzantine=self.byzantine,
-                        uplink=self.uplink, evaluator=self.evaluator, callbacks=callbacks, facts=self.facts,
-                        participation=self.participation, latency=self.latency,
-                        nodes_per_round=int(self.cfg.nodes_per_round))
+        return Pipeline(
+            strategy=self.strategy,
+            executor=self.executor,
+            byzantine=self.byzantine,
+            uplink=self.uplink,
+            evaluator=self.evaluator,
+            callbacks=callbacks,
+            facts=self.facts,
+            participation=self.participation,
+            latency=self.latency,
+            nodes_per_round=int(self.cfg.nodes_per_round),
+        )
 
     def run(self, callbacks: Sequence[Callback] = ()) -> tuple[RunState, dict[str, object]]:
         self.state, summary = self.server.run(self.state, self.pipeline(callbacks))
@@ -109,8 +117,9 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     dataset = make(cfg.dataset)
     partition = make(cfg.partition)(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
     attack = make(cfg.attack) if cfg.attack.get("_target_") else None
-    byzantine = Byzantine.draw(num_nodes=num_nodes, num=cfg.byzantine.num, declared=cfg.byzantine.declared,
-                               attack=attack, seed=seed)
+    byzantine = Byzantine.draw(
+        num_nodes=num_nodes, num=cfg.byzantine.num, declared=cfg.byzantine.declared, attack=attack, seed=seed
+    )
     data = byzantine.poison(FederatedData(dataset, partition), seed)
     model_factory = make(cfg.model)
     flat = FlatModel(build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed))
@@ -121,22 +130,51 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     latency = make(cfg.latency).bind(num_nodes=num_nodes, seed=seed, sizes=partition.sizes())
     server: Server = make(cfg.server)
     facts = RunFacts(
-        num_nodes=num_nodes, num_classes=dataset.num_classes, seed=seed, server=server.kind,
-        sizes=partition.sizes(), train_label_counts=train_counts, test_label_counts=data.label_counts("test"),
+        num_nodes=num_nodes,
+        num_classes=dataset.num_classes,
+        seed=seed,
+        server=server.kind,
+        sizes=partition.sizes(),
+        train_label_counts=train_counts,
+        test_label_counts=data.label_counts("test"),
         participation_probs=np.asarray(participation.probabilities(num_nodes, per_round), dtype=np.float64),
-        node_times=latency.mean_times(), byzantine_ids=byzantine.ids, declared_f=byzantine.declared,
-        attack=byzantine.kind, members=tuple(i for i in range(num_nodes) if byzantine.trains(i)),
+        node_times=latency.mean_times(),
+        byzantine_ids=byzantine.ids,
+        declared_f=byzantine.declared,
+        attack=byzantine.kind,
+        members=tuple(i for i in range(num_nodes) if byzantine.trains(i)),
     )
     compat.check(compat.Plan(strategy, server, byzantine, uplink, facts, per_round, names))
-    spec = WorkerSpec(model_factory, dataset.input_shape, dataset.num_classes, strategy.client, seed, threads=1,
-                      uplink=uplink if uplink.active else None)
+    spec = WorkerSpec(
+        model_factory,
+        dataset.input_shape,
+        dataset.num_classes,
+        strategy.client,
+        seed,
+        threads=1,
+        uplink=uplink if uplink.active else None,
+    )
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
     params = flat.vector()
     state = server.initial(params, strategy, facts)
     state.uplink_state = uplink.init(state.params, strategy, facts)
-    return Simulation(cfg, data, strategy, executor, server, participation, evaluator, state, flat.dim, facts,
-                      uplink, byzantine, latency, names)
+    return Simulation(
+        cfg,
+        data,
+        strategy,
+        executor,
+        server,
+        participation,
+        evaluator,
+        state,
+        flat.dim,
+        facts,
+        uplink,
+        byzantine,
+        latency,
+        names,
+    )
 
 
 def set_driver_threads(n: int = 1) -> None:

@@ -77,8 +77,14 @@ class NodeData:
         return cls._lazy(x, index, y.index_select(0, index), test, None)
 
     @classmethod
-    def _lazy(cls, full: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
-              test: tuple[torch.Tensor, torch.Tensor] | None, x_unlabelled: torch.Tensor | None) -> NodeData:
+    def _lazy(
+        cls,
+        full: torch.Tensor,
+        index: torch.Tensor,
+        y: torch.Tensor,
+        test: tuple[torch.Tensor, torch.Tensor] | None,
+        x_unlabelled: torch.Tensor | None,
+    ) -> NodeData:
         data = cls.__new__(cls)
         data._x, data.y, data._x_unlabelled = None, y, x_unlabelled
         data._source, data._test_source = (full, index), test
@@ -110,8 +116,9 @@ class NodeData:
         """The rows ``idx`` as a node dataset of their own (lazy when this one is)."""
         if self._x is None and self._source is not None:
             full, index = self._source
-            return NodeData._lazy(full, index.index_select(0, idx), self.y.index_select(0, idx),
-                                  self._test_source, self._x_unlabelled)
+            return NodeData._lazy(
+                full, index.index_select(0, idx), self.y.index_select(0, idx), self._test_source, self._x_unlabelled
+            )
         return NodeData(self.x.index_select(0, idx), self.y.index_select(0, idx), self.x_unlabelled)
 
     def __len__(self) -> int:

@@ -91,8 +91,15 @@ class Uplink:
             old = h.get(nid)
             h[nid] = delta.clone() if old is None else old + delta
             rows.append(h[nid])
-        out = UpdateBatch(batch.node_ids, torch.stack(rows), batch.num_examples, batch.base_version, batch.bytes_up,
-                          batch.metrics, batch.report)
+        out = UpdateBatch(
+            batch.node_ids,
+            torch.stack(rows),
+            batch.num_examples,
+            batch.base_version,
+            batch.bytes_up,
+            batch.metrics,
+            batch.report,
+        )
         return out, {**state, "h": h}
 
     def reduce(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:

@@ -46,10 +46,24 @@ TARGETS = (0.70, 0.75)
 
 
 def overrides(spec: dict) -> list[str]:
-    ov = ["dataset=fashion_mnist", "model=mlp", "model.hidden=[64]", "partition=dirichlet", "partition.alpha=0.1",
-          "num_nodes=20", "nodes_per_round=20", "rounds=1000000", "server=async", f"server.duration={spec['duration']}",
-          "server.eval_interval=2", f"seed={spec['seed']}", "cluster=local", "strategy.client.steps=10",
-          "strategy.client.batch_size=64", "strategy.client.lr=0.05"]
+    ov = [
+        "dataset=fashion_mnist",
+        "model=mlp",
+        "model.hidden=[64]",
+        "partition=dirichlet",
+        "partition.alpha=0.1",
+        "num_nodes=20",
+        "nodes_per_round=20",
+        "rounds=1000000",
+        "server=async",
+        f"server.duration={spec['duration']}",
+        "server.eval_interval=2",
+        f"seed={spec['seed']}",
+        "cluster=local",
+        "strategy.client.steps=10",
+        "strategy.client.batch_size=64",
+        "strategy.client.lr=0.05",
+    ]
     if spec["root"]:
         ov += [f"dataset.root={spec['root']}", "dataset.download=false"]
     return [*ov, *SCENARIOS[spec["scenario"]], *METHODS[spec["method"]]]
@@ -58,8 +72,13 @@ def overrides(spec: dict) -> list[str]:
 def work(spec: dict) -> dict:
     t0 = time.perf_counter()
     _, summary, curve = run_recorded(overrides(spec), keys=("eval/acc", "time/simulated", "round"))
-    return {**spec, "test_acc": float(summary["eval/acc"]), "updates": int(summary["rounds"]), "curve": curve,
-            "seconds": time.perf_counter() - t0}
+    return {
+        **spec,
+        "test_acc": float(summary["eval/acc"]),
+        "updates": int(summary["rounds"]),
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def grid(args) -> list[dict]:
@@ -80,8 +99,10 @@ def time_to(curve: list[dict], target: float) -> float:
 
 def summarise(results: list[dict]) -> str:
     head = " | ".join(f"time to {t:.0%} (seeds)" for t in TARGETS)
-    lines = [f"| latency | method | final acc (mean ± std) | best acc | server updates | {head} |",
-             "|---|---|---|---|---|" + "---|" * len(TARGETS)]
+    lines = [
+        f"| latency | method | final acc (mean ± std) | best acc | server updates | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(TARGETS),
+    ]
     for sc in SCENARIOS:
         for m in METHODS:
             rs = [r for r in results if r["scenario"] == sc and r["method"] == m]
@@ -93,8 +114,10 @@ def summarise(results: list[dict]) -> str:
             for t in TARGETS:
                 ok = [x for x in (time_to(r["curve"], t) for r in rs) if np.isfinite(x)]
                 cells.append(f"{np.mean(ok):.1f} ({len(ok)}/{len(rs)})" if ok else f"- (0/{len(rs)})")
-            lines.append(f"| {sc} | {m} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {best:.4f} | "
-                         f"{np.mean([r['updates'] for r in rs]):.0f} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {sc} | {m} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {best:.4f} | "
+                f"{np.mean([r['updates'] for r in rs]):.0f} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -120,9 +143,17 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="simulated time of every run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_grid([] if args.plot_only else grid(args), work, sink_path=args.out / "results.jsonl", key=key,
-                       jobs=args.jobs, describe=lambda r: f"{r['scenario']:5} {r['method']:13} seed {r['seed']}: "
-                                                          f"acc {r['test_acc']:.4f}, {r['updates']} updates ({r['seconds']:.0f}s)")
+    results = run_grid(
+        [] if args.plot_only else grid(args),
+        work,
+        sink_path=args.out / "results.jsonl",
+        key=key,
+        jobs=args.jobs,
+        describe=lambda r: (
+            f"{r['scenario']:5} {r['method']:13} seed {r['seed']}: "
+            f"acc {r['test_acc']:.4f}, {r['updates']} updates ({r['seconds']:.0f}s)"
+        ),
+    )
     report([r for r in results if r["duration"] == args.duration], args.out, summarise, plot)
 
 

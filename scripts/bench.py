@@ -32,9 +32,17 @@ sys.path.insert(0, str(ROOT))
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 WORKLOAD = [
-    "model=cnn", "partition=dirichlet", "partition.alpha=0.5", "num_nodes=100", "nodes_per_round=10",
-    "strategy.client.epochs=1", "strategy.client.batch_size=32", "strategy.client.lr=0.05",
-    "eval_every=0", "cluster=ray", "logger=jsonl",
+    "model=cnn",
+    "partition=dirichlet",
+    "partition.alpha=0.5",
+    "num_nodes=100",
+    "nodes_per_round=10",
+    "strategy.client.epochs=1",
+    "strategy.client.batch_size=32",
+    "strategy.client.lr=0.05",
+    "eval_every=0",
+    "cluster=ray",
+    "logger=jsonl",
 ]
 SYNTHETIC = ["dataset=synthetic", "dataset.shape=[1,28,28]", "dataset.n_train=60000", "dataset.n_test=10000"]
 
@@ -43,8 +51,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
     from fedsim.data.sources import _find_idx, _idx_dirs, data_root
 
     have_fmnist = any(
-        _find_idx(d, "train-images-idx3-ubyte")
-        for d in _idx_dirs(data_root(None), "FashionMNIST", (str(FMNIST_DIR),))
+        _find_idx(d, "train-images-idx3-ubyte") for d in _idx_dirs(data_root(None), "FashionMNIST", (str(FMNIST_DIR),))
     )
     data = ["dataset=fashion_mnist", "dataset.download=false"] if have_fmnist else SYNTHETIC
     return [*data, *WORKLOAD, f"rounds={args.rounds}", f"cluster.num_cpus={args.cpus}", *args.overrides]
@@ -176,7 +183,9 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         barrier, queue = ctx.Barrier(args.cpus), ctx.Queue()
         procs = [
-            ctx.Process(target=bare_worker, args=(ov, [node_rounds[t.node_id] for t in part], start, loop, barrier, queue))
+            ctx.Process(
+                target=bare_worker, args=(ov, [node_rounds[t.node_id] for t in part], start, loop, barrier, queue)
+            )
             for part in plan
         ]
         for p in procs:

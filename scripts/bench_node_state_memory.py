@@ -56,13 +56,28 @@ def main() -> None:
     torch.set_num_threads(1)
     set_driver_threads(1)
     rounds = -(-args.nodes // args.per_round)
-    cfg = compose_config([
-        "dataset=synthetic", "dataset.shape=[1,28,28]", "dataset.n_train=60000", "dataset.n_test=1000",
-        "model=mlp", "model.hidden=[128]", "partition=iid", f"num_nodes={args.nodes}",
-        f"nodes_per_round={args.per_round}", f"rounds={rounds}", "eval_every=0", "cluster=local", "logger=jsonl",
-        "strategy.client.steps=1", "strategy.client.batch_size=6", "compressor=top_k", "compressor.ratio=0.01",
-        f"feedback={args.feedback}",
-    ])
+    cfg = compose_config(
+        [
+            "dataset=synthetic",
+            "dataset.shape=[1,28,28]",
+            "dataset.n_train=60000",
+            "dataset.n_test=1000",
+            "model=mlp",
+            "model.hidden=[128]",
+            "partition=iid",
+            f"num_nodes={args.nodes}",
+            f"nodes_per_round={args.per_round}",
+            f"rounds={rounds}",
+            "eval_every=0",
+            "cluster=local",
+            "logger=jsonl",
+            "strategy.client.steps=1",
+            "strategy.client.batch_size=6",
+            "compressor=top_k",
+            "compressor.ratio=0.01",
+            f"feedback={args.feedback}",
+        ]
+    )
     sim = build(cfg)
     per = args.per_round
     # every node once, in id order (round t runs nodes [t * per, (t + 1) * per))
@@ -73,12 +88,15 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     held = sum(tensor_bytes(s) for s in state.node_states.values())
     out = {
-        "nodes": args.nodes, "params": sim.num_params, "feedback": args.feedback,
+        "nodes": args.nodes,
+        "params": sim.num_params,
+        "feedback": args.feedback,
         "nodes_with_state": len(state.node_states),
         "node_state_gb": held / 1024**3,
         "node_state_bytes_per_node": held / max(1, len(state.node_states)),
         "server_mirror_mb": tensor_bytes(state.uplink_state) / 1024**2,
-        "rss_before_run_gb": base, "rss_after_run_gb": rss_gb(),
+        "rss_before_run_gb": base,
+        "rss_after_run_gb": rss_gb(),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "seconds": seconds,
     }

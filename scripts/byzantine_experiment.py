@@ -63,26 +63,54 @@ def grid(args: argparse.Namespace) -> list[dict]:
     for seed in args.seeds:
         if "monna" in args.parts:
             p2p = ["strategy=monna", "server=p2p", "server.eval_all_every=0"]
-            runs.append({"part": "monna", "attack": NO_ATTACK, "method": "D-SGD (no attack)", "seed": seed,
-                         "overrides": [*p2p, "strategy/aggregator=mean", "attack=none"]})
+            runs.append(
+                {
+                    "part": "monna",
+                    "attack": NO_ATTACK,
+                    "method": "D-SGD (no attack)",
+                    "seed": seed,
+                    "overrides": [*p2p, "strategy/aggregator=mean", "attack=none"],
+                }
+            )
             for attack, aov in ATTACKS.items():
                 for method, mov in (
                     ("MoNNA (NNA, beta 0.99)", ["strategy/aggregator=nna"]),
                     ("NNA, beta 0", ["strategy/aggregator=nna", "strategy.client.beta=0.0"]),
                     ("trimmed mean, beta 0.99", ["strategy/aggregator=trimmed_mean"]),
                 ):
-                    runs.append({"part": "monna", "attack": attack, "method": method, "seed": seed,
-                                 "overrides": [*p2p, *mov, *aov]})
+                    runs.append(
+                        {
+                            "part": "monna",
+                            "attack": attack,
+                            "method": method,
+                            "seed": seed,
+                            "overrides": [*p2p, *mov, *aov],
+                        }
+                    )
         if "nnm" in args.parts:
-            runs.append({"part": "nnm", "attack": NO_ATTACK, "method": "D-SGD (no attack)", "seed": seed,
-                         "overrides": ["strategy=robust", "strategy/aggregator=mean", "attack=none"]})
+            runs.append(
+                {
+                    "part": "nnm",
+                    "attack": NO_ATTACK,
+                    "method": "D-SGD (no attack)",
+                    "seed": seed,
+                    "overrides": ["strategy=robust", "strategy/aggregator=mean", "attack=none"],
+                }
+            )
             for attack, aov in ATTACKS.items():
                 for rule in ("krum", "trimmed_mean", "geometric_median"):
                     for nnm in (False, True):
                         method = ("NNM + " if nnm else "") + rule
                         pre = ["strategy.preaggregators=[nnm]"] if nnm else []
-                        runs.append({"part": "nnm", "attack": attack, "method": method, "seed": seed,
-                                     "overrides": ["strategy=robust", f"strategy/aggregator={rule}", *pre, *aov]})
+                        runs.append(
+                            {
+                                "part": "nnm",
+                                "attack": attack,
+                                "method": method,
+                                "seed": seed,
+                                "overrides": ["strategy=robust", f"strategy/aggregator={rule}", *pre, *aov],
+                            }
+                        )
     return runs
 
 
@@ -116,9 +144,16 @@ def run_one(spec: dict, base: list[str]) -> dict:
         error = f"{type(exc).__name__}: {exc}"
     finally:
         sim.close()
-    return {**spec, "curve": curve, "final": curve[-1][1] if curve else None,
-            "max": max(a for _, a in curve) if curve else None, "honest_mean_final": honest_mean,
-            "error": error, "seconds": time.perf_counter() - t0, "byzantine_ids": sorted(sim.byzantine.ids)}
+    return {
+        **spec,
+        "curve": curve,
+        "final": curve[-1][1] if curve else None,
+        "max": max(a for _, a in curve) if curve else None,
+        "honest_mean_final": honest_mean,
+        "error": error,
+        "seconds": time.perf_counter() - t0,
+        "byzantine_ids": sorted(sim.byzantine.ids),
+    }
 
 
 def load(out: Path) -> list[dict]:
@@ -139,8 +174,11 @@ def table(results: list[dict]) -> str:
         if not rows:
             continue
         what = "honest node 0" if part == "monna" else "server model"
-        lines += [f"\n### {part}: test accuracy of the {what} (mean ± std over seeds)\n",
-                  "| attack | method | final acc | max acc | honest-mean final | seeds |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### {part}: test accuracy of the {what} (mean ± std over seeds)\n",
+            "| attack | method | final acc | max acc | honest-mean final | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
             groups.setdefault((r["attack"], r["method"]), []).append(r)
@@ -150,8 +188,10 @@ def table(results: list[dict]) -> str:
             hm = [r["honest_mean_final"] for r in rs if r.get("honest_mean_final") is not None]
             hm_s = f"{np.mean(hm):.3f}" if hm else "-"
             err = " (diverged: " + str(sum(bool(r["error"]) for r in rs)) + ")" if any(r["error"] for r in rs) else ""
-            lines.append(f"| {attack} | {method} | {np.nanmean(fin):.3f} ± {np.nanstd(fin):.3f}{err} | "
-                         f"{np.nanmean(mx):.3f} ± {np.nanstd(mx):.3f} | {hm_s} | {len(rs)} |")
+            lines.append(
+                f"| {attack} | {method} | {np.nanmean(fin):.3f} ± {np.nanstd(fin):.3f}{err} | "
+                f"{np.nanmean(mx):.3f} ± {np.nanstd(mx):.3f} | {hm_s} | {len(rs)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -215,16 +255,21 @@ def main() -> None:
     if not args.plot_only:
         todo = [r for r in grid(args) if key(r) not in done]
         todo.sort(key=lambda r: ("NNM" not in r["method"], r["attack"] == NO_ATTACK))  # slowest first
-        print(f"{len(todo)} runs to do ({len(done)} already in {args.out / 'results.jsonl'}), {args.jobs} at a time", flush=True)
+        print(
+            f"{len(todo)} runs to do ({len(done)} already in {args.out / 'results.jsonl'}), {args.jobs} at a time",
+            flush=True,
+        )
         with ProcessPoolExecutor(max_workers=args.jobs) as pool, (args.out / "results.jsonl").open("a") as sink:
             futures = {pool.submit(run_one, spec, common(args, spec["seed"])): spec for spec in todo}
             for fut in as_completed(futures):
                 res = fut.result()
                 sink.write(json.dumps(res) + "\n")
                 sink.flush()
-                print(f"{res['part']:5} {res['attack']:4} {res['method']:28} seed {res['seed']}: "
-                      f"final {res['final']} max {res['max']} ({res['seconds']:.0f}s){' ' + res['error'] if res['error'] else ''}",
-                      flush=True)
+                print(
+                    f"{res['part']:5} {res['attack']:4} {res['method']:28} seed {res['seed']}: "
+                    f"final {res['final']} max {res['max']} ({res['seconds']:.0f}s){' ' + res['error'] if res['error'] else ''}",
+                    flush=True,
+                )
     results = load(args.out)
     text = table(results)
     (args.out / "table.md").write_text(text)

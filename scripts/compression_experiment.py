@@ -46,10 +46,23 @@ TARGET = 0.70
 
 
 def overrides(spec: dict, rounds: int, root: str | None) -> list[str]:
-    ov = ["dataset=fashion_mnist", "model=mlp", "model.hidden=[64]", "partition=dirichlet", "partition.alpha=0.1",
-          "num_nodes=10", "nodes_per_round=10", f"rounds={rounds}", "eval_every=10", f"seed={spec['seed']}",
-          "cluster=local", "strategy.client.steps=5", "strategy.client.batch_size=32", "strategy.client.lr=0.05",
-          "strategy.weighted=false"]
+    ov = [
+        "dataset=fashion_mnist",
+        "model=mlp",
+        "model.hidden=[64]",
+        "partition=dirichlet",
+        "partition.alpha=0.1",
+        "num_nodes=10",
+        "nodes_per_round=10",
+        f"rounds={rounds}",
+        "eval_every=10",
+        f"seed={spec['seed']}",
+        "cluster=local",
+        "strategy.client.steps=5",
+        "strategy.client.batch_size=32",
+        "strategy.client.lr=0.05",
+        "strategy.weighted=false",
+    ]
     if root:
         ov += [f"dataset.root={root}", "dataset.download=false"]
     if spec["method"] == DENSE:
@@ -59,10 +72,16 @@ def overrides(spec: dict, rounds: int, root: str | None) -> list[str]:
 
 def work(spec: dict) -> dict:
     t0 = time.perf_counter()
-    _, summary, curve = run_recorded(overrides(spec, spec["rounds"], spec["root"]), keys=("eval/acc",),
-                                     every_round=("comm/bytes_up_total",))
-    return {**spec, "test_acc": float(summary["eval/acc"]), "bytes_up": int(summary["comm/bytes_up_total"]),
-            "curve": curve, "seconds": time.perf_counter() - t0}
+    _, summary, curve = run_recorded(
+        overrides(spec, spec["rounds"], spec["root"]), keys=("eval/acc",), every_round=("comm/bytes_up_total",)
+    )
+    return {
+        **spec,
+        "test_acc": float(summary["eval/acc"]),
+        "bytes_up": int(summary["comm/bytes_up_total"]),
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def grid(args) -> list[dict]:
@@ -88,8 +107,10 @@ def bytes_to(curve: list[dict], target: float) -> float:
 
 
 def summarise(results: list[dict]) -> str:
-    lines = [f"| uplink | method | final test acc (mean ± std) | best acc | uplink MB total | MB to {TARGET:.0%} acc (seeds reaching) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| uplink | method | final test acc (mean ± std) | best acc | uplink MB total | MB to {TARGET:.0%} acc (seeds reaching) |",
+        "|---|---|---|---|---|---|",
+    ]
     for ratio in [1.0, *RATIOS]:
         for method in [DENSE, *METHODS]:
             rs = [r for r in results if r["ratio"] == ratio and r["method"] == method]
@@ -102,8 +123,10 @@ def summarise(results: list[dict]) -> str:
             ok = [x for x in reach if np.isfinite(x)]
             reach_txt = f"{np.mean(ok):.2f} ({len(ok)}/{len(rs)})" if ok else f"- (0/{len(rs)})"
             label = "dense" if ratio == 1.0 else f"top-{ratio:.0%}"
-            lines.append(f"| {label} | {method} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {np.mean(best):.4f} | "
-                         f"{mb:.2f} | {reach_txt} |")
+            lines.append(
+                f"| {label} | {method} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {np.mean(best):.4f} | "
+                f"{mb:.2f} | {reach_txt} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -113,14 +136,17 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         return []
     paths = []
     dense = [r for r in results if r["method"] == DENSE]
-    for x_key, xlabel, name, log in (("comm/bytes_up_total", "uplink bytes (all nodes, cumulative)", "accuracy_vs_bytes.png", True),
-                                     ("round", "round", "accuracy_vs_rounds.png", False)):
+    for x_key, xlabel, name, log in (
+        ("comm/bytes_up_total", "uplink bytes (all nodes, cumulative)", "accuracy_vs_bytes.png", True),
+        ("round", "round", "accuracy_vs_rounds.png", False),
+    ):
         fig, axes = plt.subplots(1, len(RATIOS), figsize=(6.2 * len(RATIOS), 4.6), squeeze=False)
         for ax, ratio in zip(axes[0], RATIOS):
             groups = [(dense, {"color": "black", "linestyle": "--"})]
             groups += [([r for r in results if r["ratio"] == ratio and r["method"] == m], {}) for m in METHODS]
-            plot_mean_curves(ax, [(f"{m} ({len(rs)} seeds)", rs, style)
-                                  for m, (rs, style) in zip([DENSE, *METHODS], groups)], x_key)
+            plot_mean_curves(
+                ax, [(f"{m} ({len(rs)} seeds)", rs, style) for m, (rs, style) in zip([DENSE, *METHODS], groups)], x_key
+            )
             if log:
                 ax.set_xscale("log")
             ax.set_title(f"Fashion-MNIST, Dirichlet 0.1, 10 nodes: top-{ratio:.0%}")
@@ -136,10 +162,17 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 def main() -> None:
     args = experiment_parser(__doc__, ROOT / "results" / "compression", 400).parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_grid([] if args.plot_only else grid(args), work, sink_path=args.out / "results.jsonl", key=key,
-                       jobs=args.jobs,
-                       describe=lambda r: f"{r['method']:14} top-{r['ratio']:.0%} seed {r['seed']}: acc {r['test_acc']:.4f}, "
-                                          f"{r['bytes_up'] / 1e6:.2f} MB up ({r['seconds']:.0f}s)")
+    results = run_grid(
+        [] if args.plot_only else grid(args),
+        work,
+        sink_path=args.out / "results.jsonl",
+        key=key,
+        jobs=args.jobs,
+        describe=lambda r: (
+            f"{r['method']:14} top-{r['ratio']:.0%} seed {r['seed']}: acc {r['test_acc']:.4f}, "
+            f"{r['bytes_up'] / 1e6:.2f} MB up ({r['seconds']:.0f}s)"
+        ),
+    )
     report([r for r in results if r["rounds"] == args.rounds], args.out, summarise, plot)
 
 

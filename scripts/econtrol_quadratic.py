@@ -24,9 +24,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", nargs="+", type=int, default=[500, 1000, 2000])
     args = ap.parse_args()
-    rules = {"naive": NoFeedback, "EF14": EF14, "EF21": EF21, "EF21-SGDM 0.1": lambda: EF21SGDM(momentum=0.1),
-             "EControl 0.05": lambda: EControl(eta=0.05), "EControl 0.1": lambda: EControl(eta=0.1),
-             "EControl 0.2": lambda: EControl(eta=0.2)}
+    rules = {
+        "naive": NoFeedback,
+        "EF14": EF14,
+        "EF21": EF21,
+        "EF21-SGDM 0.1": lambda: EF21SGDM(momentum=0.1),
+        "EControl 0.05": lambda: EControl(eta=0.05),
+        "EControl 0.1": lambda: EControl(eta=0.1),
+        "EControl 0.2": lambda: EControl(eta=0.2),
+    }
     print("| rule | " + " | ".join(f"{s} steps" for s in args.steps) + " |")
     print("|---|" + "---|" * len(args.steps))
     start = None

@@ -49,8 +49,15 @@ def run_recorded(overrides: list[str], keys: Iterable[str] = ("eval/acc",), ever
     return sim, summary, curve
 
 
-def run_grid(runs: list[dict], work: Callable[[dict], dict], *, sink_path: Path, key: Callable[[dict], tuple],
-             jobs: int, describe: Callable[[dict], str]) -> list[dict]:
+def run_grid(
+    runs: list[dict],
+    work: Callable[[dict], dict],
+    *,
+    sink_path: Path,
+    key: Callable[[dict], tuple],
+    jobs: int,
+    describe: Callable[[dict], str],
+) -> list[dict]:
     """Run every spec in ``runs`` not yet in ``sink_path`` (by ``key``), ``jobs`` at a time;
     append each result as it finishes. Returns all results, old and new."""
     results = [json.loads(x) for x in sink_path.read_text().splitlines()] if sink_path.exists() else []
@@ -103,7 +110,9 @@ def plot_mean_curves(ax, groups: Iterable[tuple[str, list[dict], dict]], x_key: 
             continue
         x, mean, std = mean_curve(runs, x_key, y_key)
         ax.plot(x, mean, label=label, **style)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.15, **({"color": style["color"]} if "color" in style else {}))
+        ax.fill_between(
+            x, mean - std, mean + std, alpha=0.15, **({"color": style["color"]} if "color" in style else {})
+        )
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -131,8 +140,12 @@ def experiment_parser(doc: str, out: Path, rounds: int):
     return ap
 
 
-def report(results: list[dict], out: Path, summarise: Callable[[list[dict]], str],
-           plot: Callable[[list[dict], Path], list[Path]]) -> None:
+def report(
+    results: list[dict],
+    out: Path,
+    summarise: Callable[[list[dict]], str],
+    plot: Callable[[list[dict], Path], list[Path]],
+) -> None:
     """Write and print the markdown table, then the plots."""
     text = summarise(results)
     (out / "table.md").write_text(text)

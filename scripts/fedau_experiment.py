@@ -54,10 +54,22 @@ LAST = 5  # evaluations averaged for the "final" accuracy
 
 
 def overrides(spec: dict) -> list[str]:
-    ov = ["dataset=fashion_mnist", "model=mlp", "model.hidden=[64]", "partition=dirichlet_per_node",
-          "partition.alpha=0.1", "num_nodes=250", f"rounds={spec['rounds']}", "eval_every=20", f"seed={spec['seed']}",
-          "cluster=local", "participation.p=0.1", "participation.alpha=0.1", "participation.p_min=0.02",
-          "strategy.log_weights_every=0"]
+    ov = [
+        "dataset=fashion_mnist",
+        "model=mlp",
+        "model.hidden=[64]",
+        "partition=dirichlet_per_node",
+        "partition.alpha=0.1",
+        "num_nodes=250",
+        f"rounds={spec['rounds']}",
+        "eval_every=20",
+        f"seed={spec['seed']}",
+        "cluster=local",
+        "participation.p=0.1",
+        "participation.alpha=0.1",
+        "participation.p_min=0.02",
+        "strategy.log_weights_every=0",
+    ]
     if spec["root"]:
         ov += [f"dataset.root={spec['root']}", "dataset.download=false"]
     return [*ov, *PATTERNS[spec["pattern"]], *METHODS[spec["method"]]]
@@ -65,20 +77,30 @@ def overrides(spec: dict) -> list[str]:
 
 def work(spec: dict) -> dict:
     t0 = time.perf_counter()
-    sim, summary, curve = run_recorded(overrides(spec), keys=("eval/acc", "eval/loss"),
-                                       every_round=("fedau/estimate_rel_err",))
+    sim, summary, curve = run_recorded(
+        overrides(spec), keys=("eval/acc", "eval/loss"), every_round=("fedau/estimate_rel_err",)
+    )
     st = sim.state.strategy_state
     seen = st["intervals"] > 0
-    return {**spec, "test_acc": float(summary["eval/acc"]),
-            "test_acc_last": float(np.mean([c["eval/acc"] for c in curve[-LAST:]])), "curve": curve,
-            "estimate": [float(x) if s else None for x, s in zip(st["estimate"], seen)],
-            "probs": [float(p) for p in st["probs"]], "seconds": time.perf_counter() - t0}
+    return {
+        **spec,
+        "test_acc": float(summary["eval/acc"]),
+        "test_acc_last": float(np.mean([c["eval/acc"] for c in curve[-LAST:]])),
+        "curve": curve,
+        "estimate": [float(x) if s else None for x, s in zip(st["estimate"], seen)],
+        "probs": [float(p) for p in st["probs"]],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def grid(args) -> list[dict]:
     base = {"rounds": args.rounds, "root": args.root}
-    return [{**base, "pattern": pat, "method": m, "seed": s} for s in args.seeds for pat in args.patterns
-            for m in args.methods]
+    return [
+        {**base, "pattern": pat, "method": m, "seed": s}
+        for s in args.seeds
+        for pat in args.patterns
+        for m in args.methods
+    ]
 
 
 def key(r: dict) -> tuple:
@@ -86,16 +108,24 @@ def key(r: dict) -> tuple:
 
 
 def summarise(results: list[dict]) -> str:
-    lines = [f"Test accuracy, mean ± std over seeds of the mean of the last {LAST} evaluations (every 20 rounds).\n",
-             "| method | " + " | ".join(PATTERNS) + " |", "|---|" + "---|" * len(PATTERNS)]
+    lines = [
+        f"Test accuracy, mean ± std over seeds of the mean of the last {LAST} evaluations (every 20 rounds).\n",
+        "| method | " + " | ".join(PATTERNS) + " |",
+        "|---|" + "---|" * len(PATTERNS),
+    ]
     for m in METHODS:
         cells = []
         for pat in PATTERNS:
             v = [r["test_acc_last"] for r in results if r["method"] == m and r["pattern"] == pat]
             cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f} ({len(v)})" if v else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "FedAU (K=inf) estimate vs the true rate at the end: median over nodes of |w_n p_n - 1|.", "",
-              "| pattern | median rel. error (mean over seeds) | nodes with an estimate |", "|---|---|---|"]
+    lines += [
+        "",
+        "FedAU (K=inf) estimate vs the true rate at the end: median over nodes of |w_n p_n - 1|.",
+        "",
+        "| pattern | median rel. error (mean over seeds) | nodes with an estimate |",
+        "|---|---|---|",
+    ]
     for pat in PATTERNS:
         rs = [r for r in results if r["method"] == "FedAU (K=inf)" and r["pattern"] == pat]
         if not rs:
@@ -151,9 +181,16 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_grid([] if args.plot_only else grid(args), work, sink_path=args.out / "results.jsonl", key=key,
-                       jobs=args.jobs, describe=lambda r: f"{r['pattern']:12} {r['method']:22} seed {r['seed']}: "
-                                                          f"acc {r['test_acc_last']:.4f} ({r['seconds']:.0f}s)")
+    results = run_grid(
+        [] if args.plot_only else grid(args),
+        work,
+        sink_path=args.out / "results.jsonl",
+        key=key,
+        jobs=args.jobs,
+        describe=lambda r: (
+            f"{r['pattern']:12} {r['method']:22} seed {r['seed']}: acc {r['test_acc_last']:.4f} ({r['seconds']:.0f}s)"
+        ),
+    )
     report([r for r in results if r["rounds"] == args.rounds], args.out, summarise, plot)
 
 

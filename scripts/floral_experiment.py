@@ -82,8 +82,12 @@ def run_moons(spec: dict) -> dict:
         model = floral(X, yp, rng=np.random.default_rng([seed, 42])).model_given
     else:
         model = rbf_svm(X, yp)
-    return {**spec, "test_acc": model.accuracy(Xt, ypm(yt)), "val_acc": model.accuracy(Xv, ypm(yv)),
-            "seconds": time.perf_counter() - t0}
+    return {
+        **spec,
+        "test_acc": model.accuracy(Xt, ypm(yt)),
+        "val_acc": model.accuracy(Xv, ypm(yv)),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_fmnist(spec: dict, root: str | None) -> dict:
@@ -94,9 +98,20 @@ def run_fmnist(spec: dict, root: str | None) -> dict:
 
     torch.set_num_threads(1)
     set_driver_threads(1)
-    ov = ["dataset=fashion_mnist", "model=mlp", "model.hidden=[64]", "partition=dirichlet", "partition.alpha=1.0",
-          "num_nodes=20", "nodes_per_round=10", "rounds=30", "eval_every=5", f"seed={spec['seed']}", "cluster=local",
-          "strategy.client.lr=0.05"]
+    ov = [
+        "dataset=fashion_mnist",
+        "model=mlp",
+        "model.hidden=[64]",
+        "partition=dirichlet",
+        "partition.alpha=1.0",
+        "num_nodes=20",
+        "nodes_per_round=10",
+        "rounds=30",
+        "eval_every=5",
+        f"seed={spec['seed']}",
+        "cluster=local",
+        "strategy.client.lr=0.05",
+    ]
     if spec["rate"] > 0:
         ov += ["attack=label_flip", "attack.nodes=all", f"attack.fraction={spec['rate']}"]
     if root:
@@ -116,8 +131,13 @@ def run_fmnist(spec: dict, root: str | None) -> dict:
         sim.run([Keep()])
     finally:
         sim.close()
-    return {**spec, "test_acc": curve[-1][1], "node_acc_mean": curve[-1][2], "curve": curve,
-            "seconds": time.perf_counter() - t0}
+    return {
+        **spec,
+        "test_acc": curve[-1][1],
+        "node_acc_mean": curve[-1][2],
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def grid(args) -> list[dict]:
@@ -150,9 +170,11 @@ def summarise(results: list[dict]) -> tuple[str, dict]:
             rates = sorted({rt for (p, h, _, rt) in groups if p == part and h == how})
             if not methods:
                 continue
-            lines += [f"\n### {part}, {how} poisoning: test accuracy (mean ± std over seeds)\n",
-                      "| method | " + " | ".join(f"{int(rt * 100)}%" for rt in rates) + " |",
-                      "|---|" + "---|" * len(rates)]
+            lines += [
+                f"\n### {part}, {how} poisoning: test accuracy (mean ± std over seeds)\n",
+                "| method | " + " | ".join(f"{int(rt * 100)}%" for rt in rates) + " |",
+                "|---|" + "---|" * len(rates),
+            ]
             for m in methods:
                 cells = []
                 for rt in rates:
@@ -210,14 +232,20 @@ def main() -> None:
         todo = [r for r in grid(args) if key(r) not in done]
         print(f"{len(todo)} runs to do, {args.jobs} at a time", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool, sink_path.open("a") as sink:
-            futs = [pool.submit(run_moons, s) if s["part"] == "moons" else pool.submit(run_fmnist, s, args.root) for s in todo]
+            futs = [
+                pool.submit(run_moons, s) if s["part"] == "moons" else pool.submit(run_fmnist, s, args.root)
+                for s in todo
+            ]
             for fut in as_completed(futs):
                 r = fut.result()
                 results.append(r)
                 sink.write(json.dumps(r) + "\n")
                 sink.flush()
-                print(f"{r['part']} {r['poison']} {r['rate']:.2f} {r['method']:24} seed {r['seed']}: "
-                      f"{r['test_acc']:.3f} ({r['seconds']:.0f}s)", flush=True)
+                print(
+                    f"{r['part']} {r['poison']} {r['rate']:.2f} {r['method']:24} seed {r['seed']}: "
+                    f"{r['test_acc']:.3f} ({r['seconds']:.0f}s)",
+                    flush=True,
+                )
     text, groups = summarise(results)
     (args.out / "table.md").write_text(text)
     print(text)

@@ -99,8 +99,14 @@ class Buffered(FedAvg):
         self.importance = importance
         self.direction = direction
         self.reduce = reduce
-        self.declare(servers=frozenset({"async"}), trigger=trigger, buffer=self.buffer, period=self.period,
-                     rows="current" if direction == "current" else "update", linear=False)
+        self.declare(
+            servers=frozenset({"async"}),
+            trigger=trigger,
+            buffer=self.buffer,
+            period=self.period,
+            rows="current" if direction == "current" else "update",
+            linear=False,
+        )
 
     def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
         state = super().init(params, facts)

@@ -52,8 +52,9 @@ from strategies.server_opt import ServerSGD
 WEIGHTINGS = ("adaptive", "average_participating", "average_all", "known_prob", "fedvarp", "mifa")
 
 
-def estimator_update(c: np.ndarray, M: np.ndarray, w: np.ndarray, participated: np.ndarray,
-                     cutoff: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def estimator_update(
+    c: np.ndarray, M: np.ndarray, w: np.ndarray, participated: np.ndarray, cutoff: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One round of FedAU's interval estimator for all N nodes (pure: returns new arrays).
 
     Returns (weights used this round by each node, c, M, w): the weight is the mean of the
@@ -119,8 +120,9 @@ class FedAU(Strategy):
             state["stored"] = torch.zeros(n, params.numel(), dtype=params.dtype)
         return state
 
-    def direction(self, U: torch.Tensor, ids: torch.Tensor, used: np.ndarray, state: dict[str, Any], N: int
-                  ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    def direction(
+        self, U: torch.Tensor, ids: torch.Tensor, used: np.ndarray, state: dict[str, Any], N: int
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
         """The aggregated message (None: no step this round) and the new stored updates."""
         k = U.shape[0]
         if self.weighting in ("fedvarp", "mifa"):
@@ -155,7 +157,9 @@ class FedAU(Strategy):
             raise ValueError("FedAU needs at most one message per node and round")
         participated = np.zeros(N, dtype=bool)
         participated[ids.numpy()] = True
-        used, c, M, w = estimator_update(state["count"], state["intervals"], state["estimate"], participated, self.cutoff)
+        used, c, M, w = estimator_update(
+            state["count"], state["intervals"], state["estimate"], participated, self.cutoff
+        )
         U = batch.messages if len(batch) else torch.zeros(0, params.numel(), dtype=params.dtype)
         direction, extra = self.direction(U, ids, used, state, N)
         opt_state = state["server_opt"]
@@ -165,21 +169,32 @@ class FedAU(Strategy):
         new_state = {**state, **extra, "server_opt": opt_state, "count": c, "intervals": M, "estimate": w}
         return new_params, new_state, self.metrics(info, used[participated], M, w, state["probs"], direction)
 
-    def metrics(self, info: RoundInfo, used: np.ndarray, M: np.ndarray, w: np.ndarray, probs: np.ndarray | None,
-                direction: torch.Tensor | None) -> dict[str, Any]:
+    def metrics(
+        self,
+        info: RoundInfo,
+        used: np.ndarray,
+        M: np.ndarray,
+        w: np.ndarray,
+        probs: np.ndarray | None,
+        direction: torch.Tensor | None,
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"agg/direction_norm": 0.0 if direction is None else float(direction.norm())}
         if len(used):
             out["fedau/weight_mean"] = float(used.mean())
         seen = M > 0
         if seen.any():
-            out.update({"fedau/estimate_mean": float(w[seen].mean()), "fedau/estimate_min": float(w[seen].min()),
-                        "fedau/estimate_max": float(w[seen].max())})
+            out.update(
+                {
+                    "fedau/estimate_mean": float(w[seen].mean()),
+                    "fedau/estimate_min": float(w[seen].min()),
+                    "fedau/estimate_max": float(w[seen].max()),
+                }
+            )
             if probs is not None:
                 out["fedau/estimate_rel_err"] = float(np.median(np.abs(w[seen] * probs[seen] - 1.0)))
         if self.log_weights_every > 0 and (info.round + 1) % self.log_weights_every == 0:
             out["fedau/estimates"] = [float(x) if m > 0 else float("nan") for x, m in zip(w, M)]
         return out
-
 
 
 class _Baseline(FedAU):

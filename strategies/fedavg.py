@@ -111,4 +111,3 @@ class FedAvg(Strategy):
         if factor is not None:  # an unnormalised step: how much weight it carried
             metrics["agg/weight_sum"] = float(weights.sum())
         return new_params, {**state, "server_opt": opt_state, "aggregator": agg_state}, metrics
-

@@ -195,7 +195,9 @@ def floral(
     y_last = y.copy()
     if rounds > 1:
         y_last[flips[-1]] *= -1.0
-    return FloralResult(_model(X, lam, y_last, K, C, gamma, tol), _model(X, lam, y, K, C, gamma, tol), lam, flips, history)
+    return FloralResult(
+        _model(X, lam, y_last, K, C, gamma, tol), _model(X, lam, y, K, C, gamma, tol), lam, flips, history
+    )
 
 
 class FloralSGD(LocalSGD):
@@ -216,8 +218,9 @@ class FloralSGD(LocalSGD):
     against the node's own labels.
     """
 
-    def __init__(self, *, budget: float = 0.1, influence: str = "grad_norm", flip: str = "strongest",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, budget: float = 0.1, influence: str = "grad_norm", flip: str = "strongest", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= budget <= 0.5:
             raise ConfigError(f"floral budget={budget} must be in [0, 0.5] (a fraction of each batch)")

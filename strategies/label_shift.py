@@ -75,7 +75,7 @@ def calibration_stats(logits: np.ndarray, y: np.ndarray, theta: np.ndarray) -> t
         return 0.0, np.zeros(p_dim), np.zeros((p_dim, p_dim))
     s = calibrated_logits(z, theta)
     m = s.max(axis=1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(s - m).sum(axis=1)))
+    lse = m[:, 0] + np.log(np.exp(s - m).sum(axis=1))
     rows = np.arange(n)
     nll = float((lse - s[rows, y]).sum())
     p = softmax(s)
@@ -110,7 +110,9 @@ def newton_update(theta: np.ndarray, grad: np.ndarray, hess: np.ndarray, *, ridg
     return new
 
 
-def calibrate(logits: np.ndarray, y: np.ndarray, kind: str = "ts", *, iters: int = 50, tol: float = 1e-10) -> np.ndarray:
+def calibrate(
+    logits: np.ndarray, y: np.ndarray, kind: str = "ts", *, iters: int = 50, tol: float = 1e-10
+) -> np.ndarray:
     """Fit θ on one labelled validation set (what the federated rounds do with pooled sums)."""
     if kind not in CALIBRATIONS:
         raise ConfigError(f"calibration={kind!r} must be one of {', '.join(CALIBRATIONS)}")

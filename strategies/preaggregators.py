@@ -191,9 +191,7 @@ def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[PreRule]:
                 continue
             name = str(opts.pop("name", "")).lower()
             if name not in PRE_AGGREGATORS:
-                raise ConfigError(
-                    f"unknown pre-aggregator {name!r}; choose from {', '.join(sorted(PRE_AGGREGATORS))}"
-                )
+                raise ConfigError(f"unknown pre-aggregator {name!r}; choose from {', '.join(sorted(PRE_AGGREGATORS))}")
             cls = PRE_AGGREGATORS[name]
             if cls in _TAKES_F:
                 opts.setdefault("f", f)

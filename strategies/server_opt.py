@@ -50,7 +50,12 @@ class ServerAdam:
     pseudo-gradients it is FedAdam (Reddi et al. 2021) without its tau."""
 
     def __init__(
-        self, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+        self,
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
     ) -> None:
         b1, b2 = (float(b) for b in betas)
         if lr <= 0:

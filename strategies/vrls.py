@@ -193,8 +193,13 @@ class VRLSClient(LocalSGD):
 
         return loss
 
-    def gradient(self, model: FlatModel, data: NodeData, ctx: ClientContext,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ClientResult:
+    def gradient(
+        self,
+        model: FlatModel,
+        data: NodeData,
+        ctx: ClientContext,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> ClientResult:
         """FedSGD: the gradient of ``loss_fn`` on one minibatch at the received model."""
         n = len(data)
         idx = torch.randperm(n, generator=ctx.generator())[: self.batch_size]
@@ -206,8 +211,14 @@ class VRLSClient(LocalSGD):
         metrics = {"train/loss": float(loss.detach()), "train/acc": int((logits.argmax(1) == yb).sum()) / len(yb)}
         return ClientResult(model.flat_grad.detach().clone(), None, metrics, n)
 
-    def learn(self, model: FlatModel, start: torch.Tensor, data: NodeData, ctx: ClientContext,
-              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ClientResult:
+    def learn(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        ctx: ClientContext,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> ClientResult:
         if len(data) == 0:
             return ClientResult(torch.zeros_like(start), None, {}, 0)
         if self.form == "fedsgd":
@@ -314,8 +325,12 @@ class VRLS(FedAvg):
             raise ConfigError(f"strategy.server_lr={server_lr} must be > 0 or null")
         lr = server_lr if server_lr is not None else (1e-3 if fedsgd else 1.0)
         server_opt = ServerAdam(lr=lr, weight_decay=server_weight_decay) if fedsgd else ServerSGD(lr=lr)
-        super().__init__(client=client, server_opt=server_opt,
-                         weighted=(not fedsgd) if weighted is None else bool(weighted), **kwargs)
+        super().__init__(
+            client=client,
+            server_opt=server_opt,
+            weighted=(not fedsgd) if weighted is None else bool(weighted),
+            **kwargs,
+        )
         self.estimator = estimator
         self.zeta = float(zeta) if estimator == "vrls" else 0.0
         self.predictor_rounds = int(predictor_rounds)
@@ -422,8 +437,12 @@ class VRLS(FedAvg):
         if phase == "calibrate":
             return {"phase": phase, "theta": state["theta"]}
         if phase == "estimate":
-            out = {"phase": phase, "method": "bbse" if self.estimator == "bbse" else "em",
-                   "theta": state["theta"], "prior": self.pooled_prior(state)}
+            out = {
+                "phase": phase,
+                "method": "bbse" if self.estimator == "bbse" else "em",
+                "theta": state["theta"],
+                "prior": self.pooled_prior(state),
+            }
             if self.estimator == "bbse":
                 out["confusion"] = self.pooled_confusion(state)
             return out
@@ -472,8 +491,15 @@ class VRLS(FedAvg):
             state["server_opt"] = self.server_opt.init(params)
         return params, state, metrics
 
-    def calibrate_step(self, state: dict[str, Any], reports: np.ndarray, ids: list[int], c: int,
-                       metrics: dict[str, Any], info: RoundInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    def calibrate_step(
+        self,
+        state: dict[str, Any],
+        reports: np.ndarray,
+        ids: list[int],
+        c: int,
+        metrics: dict[str, Any],
+        info: RoundInfo,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         p = ls.num_calibration_params(self.calibration, c)
         counts, confusion, counted = state["counts"].copy(), state["confusion"].copy(), state["counted"].copy()
         node_dist, node_conf = state["node_dist"].copy(), state["node_confusion"].copy()
@@ -508,9 +534,17 @@ class VRLS(FedAvg):
         if p:
             metrics["vrls/temperature"] = 1.0 / float(theta[0])
         rounds = state["phase_round"] + 1
-        new = {**state, "theta": theta, "counts": counts, "confusion": confusion, "counted": counted,
-               "node_dist": node_dist, "node_confusion": node_conf, "node_total": node_total,
-               "phase_round": rounds}
+        new = {
+            **state,
+            "theta": theta,
+            "counts": counts,
+            "confusion": confusion,
+            "counted": counted,
+            "node_dist": node_dist,
+            "node_confusion": node_conf,
+            "node_total": node_total,
+            "phase_round": rounds,
+        }
         if rounds >= self.calibration_rounds:
             new.update(phase="estimate", phase_round=0)
         return new, metrics
@@ -537,7 +571,9 @@ class VRLS(FedAvg):
             q_hat = state["q_hat"]  # NaN rows: nodes that sent no estimate
             single = [float(np.mean(((q_hat[j] - q_true[j]) / pi) ** 2)) for j in range(len(q_hat))]
             out.update(_spread("vrls/single_ratio_mse", single))
-            out.update(_spread("vrls/marginal_l1", [float(np.abs(q_hat[j] - q_true[j]).sum()) for j in range(len(q_hat))]))
+            out.update(
+                _spread("vrls/marginal_l1", [float(np.abs(q_hat[j] - q_true[j]).sum()) for j in range(len(q_hat))])
+            )
         return out
 
 

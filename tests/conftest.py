@@ -48,8 +48,16 @@ def run_facts(n: int, *, classes: int = 10, sizes=None, probs=None, server: str 
 
     sizes = np.ones(n, dtype=np.int64) if sizes is None else np.asarray(sizes)
     counts = np.full((n, classes), 5, dtype=np.int64)
-    return RunFacts(num_nodes=n, num_classes=classes, seed=0, server=server, sizes=sizes,
-                    train_label_counts=extra.pop("train_label_counts", counts),
-                    test_label_counts=extra.pop("test_label_counts", counts),
-                    participation_probs=np.full(n, 1.0) if probs is None else np.asarray(probs),
-                    node_times=extra.pop("node_times", np.ones(n)), members=tuple(range(n)), **extra)
+    return RunFacts(
+        num_nodes=n,
+        num_classes=classes,
+        seed=0,
+        server=server,
+        sizes=sizes,
+        train_label_counts=extra.pop("train_label_counts", counts),
+        test_label_counts=extra.pop("test_label_counts", counts),
+        participation_probs=np.full(n, 1.0) if probs is None else np.asarray(probs),
+        node_times=extra.pop("node_times", np.ones(n)),
+        members=tuple(range(n)),
+        **extra,
+    )

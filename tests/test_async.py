@@ -14,8 +14,18 @@ from fedsim.simulation import build, set_driver_threads
 from strategies.asynchronous import staleness_weight
 from tests.conftest import compose
 
-BASE = ["cluster=local", "dataset=digits", "model=logreg", "num_nodes=3", "nodes_per_round=3", "eval_every=0", "seed=4",
-        "server=async", "latency=linear", "latency.spread=50"]  # times 1, 0.75, 0.5: exact in binary
+BASE = [
+    "cluster=local",
+    "dataset=digits",
+    "model=logreg",
+    "num_nodes=3",
+    "nodes_per_round=3",
+    "eval_every=0",
+    "seed=4",
+    "server=async",
+    "latency=linear",
+    "latency.spread=50",
+]  # times 1, 0.75, 0.5: exact in binary
 
 
 def record(*overrides: str):
@@ -117,10 +127,26 @@ def test_bad_async_configs(overrides, match):
 
 def test_robust_buffer_with_attack_and_partial_concurrency_learns():
     set_driver_threads(1)
-    sim = build(compose("cluster=local", "dataset=digits", "model=logreg", "num_nodes=12", "eval_every=0", "seed=1",
-                        "nodes_per_round=6", "server=async", "server.concurrency=6", "latency=lognormal", "strategy=fedbuff",
-                        "strategy.buffer=5", "strategy/aggregator=median", "attack=sign_flip", "byzantine.num=2",
-                        "rounds=30"))
+    sim = build(
+        compose(
+            "cluster=local",
+            "dataset=digits",
+            "model=logreg",
+            "num_nodes=12",
+            "eval_every=0",
+            "seed=1",
+            "nodes_per_round=6",
+            "server=async",
+            "server.concurrency=6",
+            "latency=lognormal",
+            "strategy=fedbuff",
+            "strategy.buffer=5",
+            "strategy/aggregator=median",
+            "attack=sign_flip",
+            "byzantine.num=2",
+            "rounds=30",
+        )
+    )
     before = sim.evaluator(sim.state.params)["eval/acc"]
     rows = []
 
@@ -152,7 +178,14 @@ def test_fedasync_mixes_towards_the_stale_local_model():
 
 
 def test_participation_limits_who_is_dispatched():
-    _, state, _, rows = record("num_nodes=12", "nodes_per_round=12", "participation=bernoulli",
-                               "participation.rates=constant", "participation.p=0.3", "strategy=fedavg", "rounds=15")
+    _, state, _, rows = record(
+        "num_nodes=12",
+        "nodes_per_round=12",
+        "participation=bernoulli",
+        "participation.rates=constant",
+        "participation.p=0.3",
+        "strategy=fedavg",
+        "rounds=15",
+    )
     counts = [m["train/participants"] for m in rows]
     assert state.round == 15 and max(counts) < 12 and np.mean(counts) == pytest.approx(3.6, abs=1.5)

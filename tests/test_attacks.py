@@ -136,8 +136,13 @@ def test_byzantine_ids_are_seeded_and_declared_defaults_to_num():
 
 def test_inject_appends_attack_rows_at_seeded_positions():
     honest = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    batch = UpdateBatch(torch.tensor([0, 2, 3, 5]), honest, torch.tensor([5, 5, 5, 5]),
-                        torch.zeros(4, dtype=torch.int64), torch.full((4,), 12))
+    batch = UpdateBatch(
+        torch.tensor([0, 2, 3, 5]),
+        honest,
+        torch.tensor([5, 5, 5, 5]),
+        torch.zeros(4, dtype=torch.int64),
+        torch.full((4,), 12),
+    )
     byz = Byzantine(frozenset({1, 4}), 2, SignFlip())
     sizes = np.array([5, 7, 5, 5, 9, 5])
     out = inject(batch, [1, 4], byzantine=byz, info=INFO, state={}, defence=None, sizes=sizes)
@@ -154,13 +159,22 @@ def test_inject_appends_attack_rows_at_seeded_positions():
 
 
 def digits_overrides(*extra):
-    return ["dataset=digits", "model=logreg", "cluster=local", "num_nodes=10", "nodes_per_round=10",
-            "rounds=3", "eval_every=0", *extra]
+    return [
+        "dataset=digits",
+        "model=logreg",
+        "cluster=local",
+        "num_nodes=10",
+        "nodes_per_round=10",
+        "rounds=3",
+        "eval_every=0",
+        *extra,
+    ]
 
 
 def test_sync_run_with_update_attack_reports_byzantine_rows():
-    sim = build(compose(*digits_overrides("strategy=robust", "attack=alie", "byzantine.num=3",
-                                          "strategy.preaggregators=[nnm]")))
+    sim = build(
+        compose(*digits_overrides("strategy=robust", "attack=alie", "byzantine.num=3", "strategy.preaggregators=[nnm]"))
+    )
     metrics = []
 
     class Keep:
@@ -214,8 +228,18 @@ def test_label_poisoning_refuses_overlapping_partitions():
 
 
 def p2p_overrides(*extra):
-    return ["dataset=digits", "model=logreg", "num_nodes=8", "nodes_per_round=8", "rounds=4", "eval_every=2",
-            "strategy=monna", "server=p2p", "strategy.client.lr=0.1", *extra]
+    return [
+        "dataset=digits",
+        "model=logreg",
+        "num_nodes=8",
+        "nodes_per_round=8",
+        "rounds=4",
+        "eval_every=2",
+        "strategy=monna",
+        "server=p2p",
+        "strategy.client.lr=0.1",
+        *extra,
+    ]
 
 
 def test_p2p_without_faults_and_mean_mixing_is_d_sgd():

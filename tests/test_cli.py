@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 
 def fedsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "fedsim", *args], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim", *args], cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -27,9 +28,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_end_to_end_digits_on_the_ray_cluster(ray_cluster, tmp_path):
-    run = fedsim("dataset=digits", "num_nodes=20", "nodes_per_round=10", "rounds=5", "strategy.client.epochs=5",
-                 "cluster=ray", f"cluster.address={ray_cluster.address}", "cluster.num_actors=2",
-                 "logger=jsonl", f"hydra.run.dir={tmp_path}")
+    run = fedsim(
+        "dataset=digits",
+        "num_nodes=20",
+        "nodes_per_round=10",
+        "rounds=5",
+        "strategy.client.epochs=5",
+        "cluster=ray",
+        f"cluster.address={ray_cluster.address}",
+        "cluster.num_actors=2",
+        "logger=jsonl",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert run.returncode == 0, run.stderr
     records = read_jsonl(tmp_path / "metrics.jsonl")
     start, rounds, end = records[0], records[1:-1], records[-1]
@@ -37,8 +47,17 @@ def test_end_to_end_digits_on_the_ray_cluster(ray_cluster, tmp_path):
     assert start["names"]["strategy"] == "fedavg" and start["config"]["num_nodes"] == 20
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     for r in rounds:
-        for key in ("eval/acc", "eval/loss", "eval/node_acc_min", "eval/node_acc_mean", "eval/node_acc_max",
-                    "train/loss", "comm/bytes_up", "comm/bytes_down", "time/elapsed_s"):
+        for key in (
+            "eval/acc",
+            "eval/loss",
+            "eval/node_acc_min",
+            "eval/node_acc_mean",
+            "eval/node_acc_max",
+            "train/loss",
+            "comm/bytes_up",
+            "comm/bytes_down",
+            "time/elapsed_s",
+        ):
             assert key in r, key
         assert r["eval/node_acc_min"] <= r["eval/node_acc_mean"] <= r["eval/node_acc_max"]
         assert len(r["eval/node_acc"]) <= 20
@@ -57,8 +76,10 @@ def test_default_run_shows_progress(tmp_path):
     "args,needle",
     [
         (["strategy=nope"], "Could not find 'strategy/nope'; available: async_fedavg, avg_all"),
-        (["strategy=fedau", "attack=optimal_alie", "byzantine.num=2"],
-         "attack=optimal_alie line-searches its strength against the aggregation, which strategy=fedau does not"),
+        (
+            ["strategy=fedau", "attack=optimal_alie", "byzantine.num=2"],
+            "attack=optimal_alie line-searches its strength against the aggregation, which strategy=fedau does not",
+        ),
         (["compressor=top_k", "compressor.ratio=2"], "compressor.ratio=2"),
         (["participation=markov", "participation.transition=0"], "participation.transition=0"),
         (["strategy=known_prob", "participation=uniform", "strategy.weighting=bogus"], "strategy.weighting='bogus'"),
@@ -88,9 +109,17 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
 
 
 def test_issue_example_robust_run_logs_attack_metrics(tmp_path):
-    run = fedsim("strategy=robust", "strategy/aggregator=trimmed_mean", "strategy.preaggregators=[nnm]",
-                 "attack=alie", "byzantine.num=3", "rounds=4", "cluster=local", "logger=jsonl",
-                 f"hydra.run.dir={tmp_path}")
+    run = fedsim(
+        "strategy=robust",
+        "strategy/aggregator=trimmed_mean",
+        "strategy.preaggregators=[nnm]",
+        "attack=alie",
+        "byzantine.num=3",
+        "rounds=4",
+        "cluster=local",
+        "logger=jsonl",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert run.returncode == 0, run.stderr
     records = read_jsonl(tmp_path / "metrics.jsonl")
     rounds = records[1:-1]
@@ -165,9 +194,18 @@ def test_vrls_headline_command_on_cifar10_files(tmp_path):
         entry = {"data": rng.integers(0, 256, (40, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(40)]}
         with open(folder / name, "wb") as fh:
             pickle.dump(entry, fh)
-    run = fedsim("strategy=vrls", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.download=false",
-                 "strategy.predictor_rounds=3", "strategy.calibration_rounds=2", "rounds=2", "cluster=local",
-                 "logger=jsonl", f"hydra.run.dir={tmp_path / 'run'}")
+    run = fedsim(
+        "strategy=vrls",
+        "dataset=cifar10",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.download=false",
+        "strategy.predictor_rounds=3",
+        "strategy.calibration_rounds=2",
+        "rounds=2",
+        "cluster=local",
+        "logger=jsonl",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert run.returncode == 0, run.stderr
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     rounds = [r for r in records[1:-1]]

@@ -22,19 +22,61 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
-STRATEGIES = ["fedavg", "fedprox", "robust", "floral", "monna", "fedau", "avg_participating", "avg_all", "known_prob",
-              "fedvarp", "mifa", "fedbuff", "fedasync", "async_fedavg", "fedfix", "vrls", "vrls_mlls", "vrls_bbse",
-              "vrls_oracle", "vrls_fedavg"]
+STRATEGIES = [
+    "fedavg",
+    "fedprox",
+    "robust",
+    "floral",
+    "monna",
+    "fedau",
+    "avg_participating",
+    "avg_all",
+    "known_prob",
+    "fedvarp",
+    "mifa",
+    "fedbuff",
+    "fedasync",
+    "async_fedavg",
+    "fedfix",
+    "vrls",
+    "vrls_mlls",
+    "vrls_bbse",
+    "vrls_oracle",
+    "vrls_fedavg",
+]
 SERVERS = ["sync", "async", "p2p"]
-UPLINKS = {"none": {}, "top_k+ef14": {"compressor": "top_k", "feedback": "ef14"},
-           "rand_k+econtrol": {"compressor": "rand_k", "feedback": "econtrol"}, "qsgd": {"compressor": "qsgd"}}
-ATTACKS = {"none": [], "alie": ["attack=alie", "byzantine.num=2"], "label_flip": ["attack=label_flip", "byzantine.num=2"],
-           "sign_flip+median": ["attack=sign_flip", "byzantine.num=2", "strategy/aggregator=median"]}
-PARTICIPATION = {"uniform": {}, "bernoulli": {"participation": "bernoulli"}, "markov": {"participation": "markov"},
-                 "cyclic": {"participation": "cyclic"}}
+UPLINKS = {
+    "none": {},
+    "top_k+ef14": {"compressor": "top_k", "feedback": "ef14"},
+    "rand_k+econtrol": {"compressor": "rand_k", "feedback": "econtrol"},
+    "qsgd": {"compressor": "qsgd"},
+}
+ATTACKS = {
+    "none": [],
+    "alie": ["attack=alie", "byzantine.num=2"],
+    "label_flip": ["attack=label_flip", "byzantine.num=2"],
+    "sign_flip+median": ["attack=sign_flip", "byzantine.num=2", "strategy/aggregator=median"],
+}
+PARTICIPATION = {
+    "uniform": {},
+    "bernoulli": {"participation": "bernoulli"},
+    "markov": {"participation": "markov"},
+    "cyclic": {"participation": "cyclic"},
+}
 SETTINGS = {"compressor.ratio": 0.1, "participation.p": 0.5, "participation.period": 4}
-BASE = ["dataset=digits", "model=logreg", "num_nodes=8", "nodes_per_round=8", "rounds=2", "eval_every=0",
-        "cluster=local", "logger=jsonl", "seed=1", "strategy.predictor_rounds=1", "strategy.calibration_rounds=1"]
+BASE = [
+    "dataset=digits",
+    "model=logreg",
+    "num_nodes=8",
+    "nodes_per_round=8",
+    "rounds=2",
+    "eval_every=0",
+    "cluster=local",
+    "logger=jsonl",
+    "seed=1",
+    "strategy.predictor_rounds=1",
+    "strategy.calibration_rounds=1",
+]
 CELLS = list(itertools.product(STRATEGIES, SERVERS, UPLINKS, ATTACKS, PARTICIPATION))
 
 
@@ -117,13 +159,15 @@ def test_every_combination_runs_or_is_refused_with_one_line():
     ran = {c for c, s, _ in results if s == "ran"}
     # the combinations the contract promises (label shift + Byzantine faults + compression, robust
     # error feedback, FedAU with error feedback, async with everything, the new FedProx)
-    for cell in [("vrls", "sync", "rand_k+econtrol", "sign_flip+median", "uniform"),
-                 ("vrls_bbse", "sync", "top_k+ef14", "alie", "bernoulli"),
-                 ("robust", "sync", "rand_k+econtrol", "sign_flip+median", "markov"),
-                 ("fedau", "sync", "rand_k+econtrol", "label_flip", "cyclic"),
-                 ("fedbuff", "async", "rand_k+econtrol", "sign_flip+median", "bernoulli"),
-                 ("monna", "p2p", "none", "label_flip", "uniform"),
-                 ("fedprox", "async", "qsgd", "alie", "markov")]:
+    for cell in [
+        ("vrls", "sync", "rand_k+econtrol", "sign_flip+median", "uniform"),
+        ("vrls_bbse", "sync", "top_k+ef14", "alie", "bernoulli"),
+        ("robust", "sync", "rand_k+econtrol", "sign_flip+median", "markov"),
+        ("fedau", "sync", "rand_k+econtrol", "label_flip", "cyclic"),
+        ("fedbuff", "async", "rand_k+econtrol", "sign_flip+median", "bernoulli"),
+        ("monna", "p2p", "none", "label_flip", "uniform"),
+        ("fedprox", "async", "qsgd", "alie", "markov"),
+    ]:
         assert cell in ran, (cell, next(d for c, _, d in results if c == cell))
     assert status["ran"] + status["refused"] == len(CELLS)
 

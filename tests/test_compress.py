@@ -66,8 +66,9 @@ def test_top_k_keeps_the_largest_entries():
     assert out.tolist() == [0.0, -5.0, 0.0, 2.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("compressor", [TopK(ratio=0.05), RandK(ratio=0.05), Sign(), QSGD(levels=4)],
-                         ids=["top_k", "rand_k", "sign", "qsgd"])
+@pytest.mark.parametrize(
+    "compressor", [TopK(ratio=0.05), RandK(ratio=0.05), Sign(), QSGD(levels=4)], ids=["top_k", "rand_k", "sign", "qsgd"]
+)
 def test_compressors_are_contractive(compressor):
     """E||C(v) - v||^2 <= (1 - delta)||v||^2 with the documented delta (averaged over draws for the
     random ones)."""
@@ -108,8 +109,13 @@ def test_qsgd_is_unbiased_before_scaling():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({}, "exactly one"), ({"ratio": 0.1, "k": 3}, "exactly one"), ({"ratio": 1.5}, "ratio"),
-     ({"k": 0}, "k=0"), ({"k": 3, "layerwise": True}, "layerwise")],
+    [
+        ({}, "exactly one"),
+        ({"ratio": 0.1, "k": 3}, "exactly one"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"k": 0}, "k=0"),
+        ({"k": 3, "layerwise": True}, "layerwise"),
+    ],
 )
 def test_sparse_options_are_checked(kwargs, match):
     with pytest.raises(ConfigError, match=match):

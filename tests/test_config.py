@@ -63,7 +63,9 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         part = make(node)(y, y.copy(), int(cfg.num_nodes), np_rng(0, "partition"))
         assert part.num_nodes == cfg.num_nodes and sum(part.sizes()) > 0
     elif group == "model":
-        shape = {"mlp": (1, 8, 8), "logreg": (1, 8, 8), "cifar_cnn": (3, 32, 32), "resnet18": (3, 32, 32)}.get(option, (1, 28, 28))
+        shape = {"mlp": (1, 8, 8), "logreg": (1, 8, 8), "cifar_cnn": (3, 32, 32), "resnet18": (3, 32, 32)}.get(
+            option, (1, 28, 28)
+        )
         model = build_model(make(node), shape, 10, seed=0)
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
     elif group == "strategy":
@@ -81,8 +83,9 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
                 assert (attack.poison(y, 10, np_rng(0, "poison", 0)) != y).any()
             else:
                 honest = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-                rows, _ = attack(honest, 2, rng=torch.Generator().manual_seed(1),
-                                 defence=lambda U: U.median(dim=0).values)
+                rows, _ = attack(
+                    honest, 2, rng=torch.Generator().manual_seed(1), defence=lambda U: U.median(dim=0).values
+                )
                 assert rows.shape == (2, 4)
     elif group == "compressor":
         comp = make(node)

@@ -11,8 +11,17 @@ from tests.conftest import compose
 
 pytestmark = pytest.mark.integration
 
-BASE = ["dataset=digits", "model=mlp", "num_nodes=12", "nodes_per_round=6", "rounds=3", "eval_every=0",
-        "strategy.client.epochs=2", "partition.alpha=0.3", "seed=7"]
+BASE = [
+    "dataset=digits",
+    "model=mlp",
+    "num_nodes=12",
+    "nodes_per_round=6",
+    "rounds=3",
+    "eval_every=0",
+    "strategy.client.epochs=2",
+    "partition.alpha=0.3",
+    "seed=7",
+]
 
 
 def final_params(*cluster: str) -> tuple[torch.Tensor, list[str]]:
@@ -64,23 +73,57 @@ def run_params(*overrides: str) -> torch.Tensor:
 @pytest.mark.parametrize(
     "setup",
     [
-        ["strategy=robust", "attack=optimal_alie", "byzantine.num=2", "strategy.preaggregators=[nnm,bucketing]",
-         "strategy/aggregator=centered_clipping"],
+        [
+            "strategy=robust",
+            "attack=optimal_alie",
+            "byzantine.num=2",
+            "strategy.preaggregators=[nnm,bucketing]",
+            "strategy/aggregator=centered_clipping",
+        ],
         ["strategy=fedavg", "attack=label_flip", "byzantine.num=2", "strategy/aggregator=median"],
-        ["strategy=monna", "server=p2p", "nodes_per_round=10", "strategy.client.lr=0.1", "attack=ipm",
-         "byzantine.num=2"],
+        [
+            "strategy=monna",
+            "server=p2p",
+            "nodes_per_round=10",
+            "strategy.client.lr=0.1",
+            "attack=ipm",
+            "byzantine.num=2",
+        ],
         ["strategy=floral", "attack=label_flip", "attack.nodes=all", "attack.fraction=0.3"],
         ["compressor=rand_k", "compressor.ratio=0.05", "feedback=econtrol", "strategy.client.steps=3"],
         ["compressor=qsgd", "compressor.layerwise=true", "feedback=ef14", "strategy/aggregator=median"],
         ["strategy=fedau", "participation=markov", "participation.p=0.4", "strategy.cutoff=5"],
         ["strategy=fedvarp", "participation=cyclic", "participation.period=4", "participation.p=0.5"],
-        ["server=async", "strategy=fedbuff", "strategy.buffer=3", "server.concurrency=5", "latency=lognormal",
-         "strategy.client.steps=2", "rounds=6"],
-        ["server=async", "strategy=fedasync", "latency=exponential", "latency.node_spread=1.0",
-         "strategy/aggregator=median", "rounds=8"],
+        [
+            "server=async",
+            "strategy=fedbuff",
+            "strategy.buffer=3",
+            "server.concurrency=5",
+            "latency=lognormal",
+            "strategy.client.steps=2",
+            "rounds=6",
+        ],
+        [
+            "server=async",
+            "strategy=fedasync",
+            "latency=exponential",
+            "latency.node_spread=1.0",
+            "strategy/aggregator=median",
+            "rounds=8",
+        ],
     ],
-    ids=["robust-optimal-alie", "label-flip-median", "monna-p2p", "floral-poisoned", "randk-econtrol", "qsgd-ef14-median",
-         "fedau-markov", "fedvarp-cyclic", "async-fedbuff", "async-fedasync-median"],
+    ids=[
+        "robust-optimal-alie",
+        "label-flip-median",
+        "monna-p2p",
+        "floral-poisoned",
+        "randk-econtrol",
+        "qsgd-ef14-median",
+        "fedau-markov",
+        "fedvarp-cyclic",
+        "async-fedbuff",
+        "async-fedasync-median",
+    ],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):
     local = run_params(*setup, "cluster=local")

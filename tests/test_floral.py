@@ -28,9 +28,15 @@ from tests.conftest import compose
 
 def brute_force_projection(lam_hat, y, C):
     cons = [{"type": "eq", "fun": lambda x: y @ x, "jac": lambda x: y}]
-    res = minimize(lambda x: 0.5 * np.sum((x - lam_hat) ** 2), np.full_like(lam_hat, C / 2),
-                   jac=lambda x: x - lam_hat, bounds=[(0, C)] * len(y), constraints=cons, method="SLSQP",
-                   options={"ftol": 1e-14, "maxiter": 500})
+    res = minimize(
+        lambda x: 0.5 * np.sum((x - lam_hat) ** 2),
+        np.full_like(lam_hat, C / 2),
+        jac=lambda x: x - lam_hat,
+        bounds=[(0, C)] * len(y),
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
     return res.x
 
 
@@ -111,8 +117,20 @@ def test_floral_game_runs_is_seeded_and_keeps_the_flip_budget():
 
 
 def test_floral_sgd_flips_budget_labels_among_the_most_influential():
-    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.2, 0.3], [3.0, 0.0, 2.9],
-                           [0.0, 0.0, 6.0], [4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [0.0, 0.1, 0.0]])
+    logits = torch.tensor(
+        [
+            [5.0, 0.0, 0.0],
+            [0.0, 5.0, 0.0],
+            [1.0, 0.9, 0.0],
+            [0.0, 0.2, 0.3],
+            [3.0, 0.0, 2.9],
+            [0.0, 0.0, 6.0],
+            [4.0, 0.0, 0.0],
+            [0.0, 4.0, 0.0],
+            [0.0, 0.0, 4.0],
+            [0.0, 0.1, 0.0],
+        ]
+    )
     y = torch.tensor([0, 1, 0, 2, 0, 2, 0, 1, 2, 1])
     for influence in ("grad_norm", "margin"):
         client = FloralSGD(budget=0.2, influence=influence)
@@ -146,8 +164,17 @@ def test_random_fourier_head_has_fixed_features_and_trainable_head_only():
 
 
 def test_label_flip_at_chosen_nodes_and_at_all_nodes():
-    base = ["dataset=digits", "model=logreg", "cluster=local", "num_nodes=6", "nodes_per_round=6", "rounds=2",
-            "partition=iid", "attack=label_flip", "attack.fraction=0.5"]
+    base = [
+        "dataset=digits",
+        "model=logreg",
+        "cluster=local",
+        "num_nodes=6",
+        "nodes_per_round=6",
+        "rounds=2",
+        "partition=iid",
+        "attack=label_flip",
+        "attack.fraction=0.5",
+    ]
     sim = build(compose(*base, "attack.nodes=[1,4]"))
     assert sim.byzantine.ids == {1, 4}
     from fedsim.data.sources import load_digits
@@ -168,14 +195,38 @@ def test_label_flip_at_chosen_nodes_and_at_all_nodes():
 
 
 def test_federated_floral_defence_runs_end_to_end_with_a_robust_aggregator():
-    cfg = compose("dataset=digits", "model=mlp", "cluster=local", "num_nodes=8", "nodes_per_round=8", "rounds=3",
-                  "strategy=floral", "strategy/aggregator=trimmed_mean", "byzantine.declared=1",
-                  "attack=label_flip", "attack.nodes=all", "attack.fraction=0.3", "eval_every=0")
+    cfg = compose(
+        "dataset=digits",
+        "model=mlp",
+        "cluster=local",
+        "num_nodes=8",
+        "nodes_per_round=8",
+        "rounds=3",
+        "strategy=floral",
+        "strategy/aggregator=trimmed_mean",
+        "byzantine.declared=1",
+        "attack=label_flip",
+        "attack.nodes=all",
+        "attack.fraction=0.3",
+        "eval_every=0",
+    )
     state, summary = build(cfg).run()
     assert torch.isfinite(state.params).all() and summary["eval/acc"] > 0.1
-    cfg = compose("dataset=moons", "model=rff_svm", "cluster=local", "num_nodes=4", "nodes_per_round=4", "rounds=3",
-                  "strategy=floral", "strategy.client.objective=hinge", "strategy.client.weight_decay=1e-3",
-                  "attack=label_flip", "attack.nodes=all", "attack.fraction=0.2", "eval_every=0")
+    cfg = compose(
+        "dataset=moons",
+        "model=rff_svm",
+        "cluster=local",
+        "num_nodes=4",
+        "nodes_per_round=4",
+        "rounds=3",
+        "strategy=floral",
+        "strategy.client.objective=hinge",
+        "strategy.client.weight_decay=1e-3",
+        "attack=label_flip",
+        "attack.nodes=all",
+        "attack.fraction=0.2",
+        "eval_every=0",
+    )
     state, summary = build(cfg).run()
     assert summary["eval/acc"] > 0.5
 

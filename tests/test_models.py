@@ -13,7 +13,10 @@ from tests.conftest import compose
         (LogisticRegression, (2,)),
         (MLP, (1, 8, 8)),
         (ConvNet, (1, 28, 28)),
-        (lambda s, c: ConvNet(s, c, channels=(6, 16), padding=2, hidden=(120, 84), activation="tanh", pool="avg"), (1, 28, 28)),
+        (
+            lambda s, c: ConvNet(s, c, channels=(6, 16), padding=2, hidden=(120, 84), activation="tanh", pool="avg"),
+            (1, 28, 28),
+        ),
         (lambda s, c: ConvNet(s, c, channels=(32, 32), kernel=3, padding=1, hidden=(256, 64)), (3, 32, 32)),
         (resnet18_gn, (3, 32, 32)),
     ],

@@ -27,8 +27,12 @@ def schedule(model, rounds: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "model,rounds,tol",
-    [(Bernoulli(rates="label"), 6000, 0.02), (Markov(rates="label", transition=0.05), 6000, 0.05),
-     (Markov(rates="constant", p=0.3, transition=0.5), 6000, 0.03), (Cyclic(rates="label", period=20), 6000, None)],
+    [
+        (Bernoulli(rates="label"), 6000, 0.02),
+        (Markov(rates="label", transition=0.05), 6000, 0.05),
+        (Markov(rates="constant", p=0.3, transition=0.5), 6000, 0.03),
+        (Cyclic(rates="label", period=20), 6000, None),
+    ],
     ids=["bernoulli", "markov-0.05", "markov-0.5", "cyclic-20"],
 )
 def test_long_run_rate_matches_p(model, rounds, tol):

@@ -32,9 +32,7 @@ def data_root(root: str | os.PathLike[str] | None) -> Path:
     return Path(os.path.expanduser(str(root or os.environ.get("FEDSIM_DATA") or DEFAULT_ROOT)))
 
 
-def _split(
-    name: str, x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float, split_seed: int
-) -> Dataset:
+def _split(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float, split_seed: int) -> Dataset:
     """A stratified-by-chance train/test split with its own fixed seed (not the run seed), so the
     test set is the same in every run."""
     if not 0.0 < test_fraction < 1.0:

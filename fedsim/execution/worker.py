@@ -73,9 +73,7 @@ class RoundResult:
 
     @staticmethod
     def merge(parts: Sequence[RoundResult]) -> RoundResult:
-        rows = sorted(
-            (nid, part, i) for part in parts for i, nid in enumerate(part.node_ids)
-        )
+        rows = sorted((nid, part, i) for part in parts for i, nid in enumerate(part.node_ids))
         if not rows:
             raise ValueError("no node results to merge")
         row_bytes = {id(part): part.row_bytes() for part in parts}
@@ -152,19 +150,28 @@ class NodeWorker:
         reports: set[bool] = set()
         t0 = time.perf_counter()
         for task in tasks:
-            ctx = ClientContext(round_ if task.round is None else task.round, task.node_id, self.spec.seed,
-                                self.spec.num_classes, broadcast)
+            ctx = ClientContext(
+                round_ if task.round is None else task.round,
+                task.node_id,
+                self.spec.seed,
+                self.spec.num_classes,
+                broadcast,
+            )
             start = task.start if task.start is not None else params
             if start is None:
                 raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
             self.model.load(start)
             old = task.state or {}
             try:
-                result = self.spec.client_update(self.model, start, self.node_data(task.node_id), old.get("client"), ctx)
+                result = self.spec.client_update(
+                    self.model, start, self.node_data(task.node_id), old.get("client"), ctx
+                )
                 message, row_bytes, node_metrics = result.message, result.nbytes, dict(result.metrics)
                 uplink_state = old.get("uplink")
                 if uplink is not None and not result.report:
-                    message, row_bytes, uplink_state, extra = uplink.encode(message, uplink_state, ctx, self.layer_sizes)
+                    message, row_bytes, uplink_state, extra = uplink.encode(
+                        message, uplink_state, ctx, self.layer_sizes
+                    )
                     node_metrics.update(extra)
             except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc

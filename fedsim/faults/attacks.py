@@ -316,7 +316,9 @@ class LabelFlip(DataAttack):
         if nodes is not None and nodes != "all":
             ids = list(nodes) if not isinstance(nodes, (str, bytes)) and hasattr(nodes, "__iter__") else None
             if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise ConfigError(f"label_flip: nodes={nodes!r} must be null (the Byzantine nodes), 'all' or a list of node ids")
+                raise ConfigError(
+                    f"label_flip: nodes={nodes!r} must be null (the Byzantine nodes), 'all' or a list of node ids"
+                )
             nodes = ids
         self.nodes = nodes
         if not 0.0 <= fraction <= 1.0:

@@ -34,7 +34,7 @@ class Byzantine:
 
     @property
     def kind(self) -> str:
-        """"none" (faulty nodes are silent), "update" or "data" (the attack's declared kind)."""
+        """ "none" (faulty nodes are silent), "update" or "data" (the attack's declared kind)."""
         return "none" if self.attack is None else str(self.attack.kind)
 
     @property
@@ -133,7 +133,9 @@ def inject(
             num_examples=torch.cat([batch.num_examples, torch.as_tensor(sizes[byz_ids], dtype=torch.int64)]),
             base_version=torch.cat([batch.base_version, torch.full((f,), info.version, dtype=torch.int64)]),
             bytes_up=torch.cat([batch.bytes_up, torch.full((f,), d * rows.element_size(), dtype=torch.int64)]),
-            metrics={k: torch.cat([v, torch.full((f,), float("nan"), dtype=v.dtype)]) for k, v in batch.metrics.items()},
+            metrics={
+                k: torch.cat([v, torch.full((f,), float("nan"), dtype=v.dtype)]) for k, v in batch.metrics.items()
+            },
         )
     if byzantine.num:
         perm = torch.from_numpy(np_rng(info.seed, "shuffle", info.round).permutation(len(batch)))

@@ -56,7 +56,9 @@ class Uniform(Participation):
         return np.ones(self.num_nodes, dtype=bool)
 
 
-def label_rates(label_counts: np.ndarray, *, p: float, alpha: float, p_min: float, rng: np.random.Generator) -> np.ndarray:
+def label_rates(
+    label_counts: np.ndarray, *, p: float, alpha: float, p_min: float, rng: np.random.Generator
+) -> np.ndarray:
     """FedAU's label-correlated rates: p_n = clip(max(p_min, C p <d_n, m>), 0, 1), m ~ Dir(alpha)."""
     counts = np.asarray(label_counts, dtype=np.float64)
     num_classes = counts.shape[1]
@@ -83,7 +85,9 @@ class _Availability(Participation):
         if not 0.0 < float(self.p) <= 1.0:
             raise ConfigError(f"participation.p={self.p} must be in (0, 1]")
         if self.rates not in ("label", "constant"):
-            raise ConfigError(f"participation.rates={self.rates!r} must be 'label' (FedAU's label-correlated rates) or 'constant'")
+            raise ConfigError(
+                f"participation.rates={self.rates!r} must be 'label' (FedAU's label-correlated rates) or 'constant'"
+            )
         if self.alpha <= 0:
             raise ConfigError(f"participation.alpha={self.alpha} must be > 0")
         if not 0.0 <= float(self.p_min) <= 1.0:
@@ -92,8 +96,9 @@ class _Availability(Participation):
     def bind(self, *, num_nodes: int, seed: int, label_counts: np.ndarray | None = None) -> _Availability:
         """A copy of this model with every node's rate fixed for the run."""
         if self.rates == "label" and label_counts is not None:
-            probs = label_rates(label_counts, p=self.p, alpha=self.alpha, p_min=self.p_min,
-                                rng=np_rng(seed, "participation", "rates"))
+            probs = label_rates(
+                label_counts, p=self.p, alpha=self.alpha, p_min=self.p_min, rng=np_rng(seed, "participation", "rates")
+            )
         else:
             probs = np.full(num_nodes, float(self.p))
         return replace(self, probs=probs, seed=int(seed))

@@ -42,5 +42,11 @@ class ProgressBar(Callback):
             self.bar = None
         if not self.enabled:
             return
-        parts = [f"{k}={summary[k]:.4f}" for k in ("eval/acc", "eval/node_acc_min", "eval/node_acc_mean") if k in summary]
-        print(f"fedsim: done, {summary.get('rounds')} rounds in {summary.get('time/elapsed_s', 0):.1f}s  " + "  ".join(parts), file=sys.stderr)
+        parts = [
+            f"{k}={summary[k]:.4f}" for k in ("eval/acc", "eval/node_acc_min", "eval/node_acc_mean") if k in summary
+        ]
+        print(
+            f"fedsim: done, {summary.get('rounds')} rounds in {summary.get('time/elapsed_s', 0):.1f}s  "
+            + "  ".join(parts),
+            file=sys.stderr,
+        )

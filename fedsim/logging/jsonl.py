@@ -24,8 +24,16 @@ class JsonlLogger(Callback):
         meta.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = meta.output_dir / self.filename
         self.fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
-        self._write({"event": "run_start", "name": meta.run_name, "group": meta.group, "names": meta.names,
-                     "info": meta.info, "config": meta.config})
+        self._write(
+            {
+                "event": "run_start",
+                "name": meta.run_name,
+                "group": meta.group,
+                "names": meta.names,
+                "info": meta.info,
+                "config": meta.config,
+            }
+        )
 
     def on_round_end(self, round_: int, metrics: dict[str, Any]) -> None:
         if self.fh is not None:

@@ -16,8 +16,14 @@ from fedsim.logging import Callback, RunMeta, scalars
 
 
 class WandbLogger(Callback):
-    def __init__(self, *, project: str = "fedsim", entity: str | None = None, mode: str = "offline",
-                 tags: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        project: str = "fedsim",
+        entity: str | None = None,
+        mode: str = "offline",
+        tags: list[str] | None = None,
+    ) -> None:
         self.project = project
         self.entity = entity
         self.mode = mode

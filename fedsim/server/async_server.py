@@ -100,15 +100,18 @@ class AsyncServer(Server):
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
         if self.concurrency is not None and not 1 <= self.concurrency <= self.num_nodes:
-            raise ConfigError(f"server.concurrency={self.concurrency} must be in [1, num_nodes={self.num_nodes}] (null: all)")
+            raise ConfigError(
+                f"server.concurrency={self.concurrency} must be in [1, num_nodes={self.num_nodes}] (null: all)"
+            )
         if self.duration is not None and self.duration <= 0:
             raise ConfigError(f"server.duration={self.duration} must be > 0 (simulated time), or null")
         if self.eval_interval is not None and self.eval_interval <= 0:
             raise ConfigError(f"server.eval_interval={self.eval_interval} must be > 0, or null")
 
     def initial(self, params: torch.Tensor, strategy: Strategy, facts: RunFacts) -> RunState:
-        loop = AsyncState(jobs_of_node=np.zeros(self.num_nodes, dtype=np.int64), models={0: params},
-                          next_eval=self.eval_interval)
+        loop = AsyncState(
+            jobs_of_node=np.zeros(self.num_nodes, dtype=np.int64), models={0: params}, next_eval=self.eval_interval
+        )
         return RunState(0, 0, params, strategy.init(params, facts), server_state=loop)
 
     def rows_per_step(self, strategy: Strategy, facts: RunFacts, nodes_per_round: int) -> int:
@@ -197,8 +200,10 @@ class _Loop:
             for j in wave:
                 j.trained = True
             if honest:
-                tasks = [NodeTask(j.node, self.state.node_states.get(j.node), a.models[j.base_version], j.k)
-                         for j in sorted(honest, key=lambda j: (j.node, j.seq))]
+                tasks = [
+                    NodeTask(j.node, self.state.node_states.get(j.node), a.models[j.base_version], j.k)
+                    for j in sorted(honest, key=lambda j: (j.node, j.seq))
+                ]
                 result = self.pipe.train(None, self.state.round, tasks, dim=d)
                 by_node = {j.node: j for j in honest}
                 node_states = dict(self.state.node_states)
@@ -226,32 +231,51 @@ class _Loop:
         honest = [j for j in arrived if j.message is not None]
         faulty = [j.node for j in arrived if j.node in self.byzantine.ids]
         d = int(state.params.numel())
-        messages = (torch.stack([j.message for j in honest if j.message is not None]) if honest
-                    else torch.zeros(0, d, dtype=state.params.dtype))
-        result = RoundResult([j.node for j in honest], messages, [j.num_examples for j in honest],
-                             [j.metrics for j in honest], [None] * len(honest), bytes_up=[j.nbytes for j in honest])
+        messages = (
+            torch.stack([j.message for j in honest if j.message is not None])
+            if honest
+            else torch.zeros(0, d, dtype=state.params.dtype)
+        )
+        result = RoundResult(
+            [j.node for j in honest],
+            messages,
+            [j.num_examples for j in honest],
+            [j.metrics for j in honest],
+            [None] * len(honest),
+            bytes_up=[j.nbytes for j in honest],
+        )
         base = torch.tensor([j.base_version for j in honest], dtype=torch.int64)
-        info = RoundInfo(state.round, state.version, self.s.seed, self.N, tuple(j.node for j in arrived),
-                         self.byzantine.declared)
+        info = RoundInfo(
+            state.round, state.version, self.s.seed, self.N, tuple(j.node for j in arrived), self.byzantine.declared
+        )
         models = a.models
-        stepped = self.pipe.step(state, result, info, faulty=faulty, base_version=base, skip_empty=True,
-                                 starts=lambda batch: torch.stack([models[int(v)] for v in batch.base_version]))
+        stepped = self.pipe.step(
+            state,
+            result,
+            info,
+            faulty=faulty,
+            base_version=base,
+            skip_empty=True,
+            starts=lambda batch: torch.stack([models[int(v)] for v in batch.base_version]),
+        )
         if stepped is None:
             return None
         self.state, metrics = stepped
         staleness = (state.version - base).tolist() + [0] * (metrics.get("attack/byzantine_rows", 0) or 0)
         a.models[self.state.version] = self.state.params
         self.release()
-        metrics.update({
-            "train/participants": len(arrived),
-            "async/buffer": len(staleness),
-            "async/staleness_mean": float(np.mean(staleness)),
-            "async/staleness_max": float(np.max(staleness)),
-            "async/staleness": [int(x) for x in staleness],
-            "async/in_flight": len(a.jobs),
-            "time/simulated": a.clock,
-            "comm/bytes_down_total": self.state.totals.get("bytes_down", 0),
-        })
+        metrics.update(
+            {
+                "train/participants": len(arrived),
+                "async/buffer": len(staleness),
+                "async/staleness_mean": float(np.mean(staleness)),
+                "async/staleness_max": float(np.max(staleness)),
+                "async/staleness": [int(x) for x in staleness],
+                "async/in_flight": len(a.jobs),
+                "time/simulated": a.clock,
+                "comm/bytes_down_total": self.state.totals.get("bytes_down", 0),
+            }
+        )
         return metrics
 
     def release(self) -> None:
@@ -330,7 +354,9 @@ class _Loop:
             if metrics is None:
                 a.idle_steps += 1
                 if a.idle_steps > 100_000:
-                    raise FedsimError("100,000 aggregation times passed without any update; check participation and latency")
+                    raise FedsimError(
+                        "100,000 aggregation times passed without any update; check participation and latency"
+                    )
                 continue
             a.idle_steps = 0
             if self.is_eval():
@@ -339,9 +365,14 @@ class _Loop:
                 metrics.update(last_eval)
                 metrics["time/eval_s"] = time.perf_counter() - t1
             self.pipe.end_round(self.state.round - 1, metrics, t0=t0)
-        summary = self.pipe.summary(self.state, last_eval, **{
-            "comm/bytes_up_total": self.state.totals.get("bytes_up", 0),
-            "comm/bytes_down_total": self.state.totals.get("bytes_down", 0),
-            "time/simulated": self.a.clock,
-            "time/train_s": self.train_s})
+        summary = self.pipe.summary(
+            self.state,
+            last_eval,
+            **{
+                "comm/bytes_up_total": self.state.totals.get("bytes_up", 0),
+                "comm/bytes_down_total": self.state.totals.get("bytes_down", 0),
+                "time/simulated": self.a.clock,
+                "time/train_s": self.train_s,
+            },
+        )
         return self.state, summary

@@ -48,8 +48,9 @@ def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
         num_examples=torch.tensor(result.num_examples, dtype=torch.int64),
         base_version=torch.full((k,), version, dtype=torch.int64),
         bytes_up=torch.tensor(result.row_bytes(), dtype=torch.int64).reshape(k),
-        metrics={key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64)
-                 for key in keys},
+        metrics={
+            key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64) for key in keys
+        },
         report=result.report,
     )
 
@@ -127,8 +128,15 @@ class Pipeline:
 
     # -- 1. collect ---------------------------------------------------------------------------
 
-    def train(self, params: torch.Tensor | None, round_: int, tasks: list[NodeTask],
-              broadcast: dict[str, Any] | None = None, *, dim: int) -> RoundResult:
+    def train(
+        self,
+        params: torch.Tensor | None,
+        round_: int,
+        tasks: list[NodeTask],
+        broadcast: dict[str, Any] | None = None,
+        *,
+        dim: int,
+    ) -> RoundResult:
         """Run the nodes' client updates (and their uplink encoding) on the executor."""
         if not tasks:
             return RoundResult([], torch.zeros(0, dim), [], [], [])
@@ -165,8 +173,15 @@ class Pipeline:
             attack = self.byzantine.attack
             needs = attack is not None and attack.needs_defence and self.byzantine.is_update_attack and faulty
             defence = strategy.defence(state.strategy_state, info) if needs else None
-            injected = inject(batch, faulty, byzantine=self.byzantine, info=info, state=attack_state,
-                              defence=defence, sizes=self.facts.sizes)
+            injected = inject(
+                batch,
+                faulty,
+                byzantine=self.byzantine,
+                info=info,
+                state=attack_state,
+                defence=defence,
+                sizes=self.facts.sizes,
+            )
             batch, attack_state = injected.batch, injected.attack_state
             attack_metrics = {"attack/byzantine_rows": injected.num_byzantine, "attack/byzantine_sampled": len(faulty)}
             if "tau" in attack_state:
@@ -188,16 +203,28 @@ class Pipeline:
             params, strategy_state, agg = strategy.step(state.params, rows, state.strategy_state, info)
         self.check_finite(params, info, attacked=bool(self.byzantine.num) and self.byzantine.is_update_attack)
         samples = sum(strategy.client.work(n) for n in result.num_examples)
-        metrics: dict[str, Any] = {"round": state.round, **node_metrics, **agg, **attack_metrics, "train/samples": samples}
+        metrics: dict[str, Any] = {
+            "round": state.round,
+            **node_metrics,
+            **agg,
+            **attack_metrics,
+            "train/samples": samples,
+        }
         if self.facts.server == "p2p":  # no uplink: members exchange models (the server counts them)
             totals = add_totals(state.totals, samples=samples)
         else:
             up = int(batch.bytes_up.sum())
             totals = add_totals(state.totals, bytes_up=up, samples=samples)
             metrics.update({"comm/bytes_up": up, "comm/bytes_up_total": totals["bytes_up"]})
-        new = state.replace(round=state.round + 1, version=state.version + 1, params=params,
-                            strategy_state=strategy_state, totals=totals, attack_state=attack_state,
-                            uplink_state=uplink_state)
+        new = state.replace(
+            round=state.round + 1,
+            version=state.version + 1,
+            params=params,
+            strategy_state=strategy_state,
+            totals=totals,
+            attack_state=attack_state,
+            uplink_state=uplink_state,
+        )
         return new, metrics
 
     def too_few_rows(self, rows: int) -> bool:
@@ -224,14 +251,24 @@ class Pipeline:
             messages = batch.messages + (params.unsqueeze(0) - S)  # x_sent - y  ->  x_now - y
         else:
             messages = S - batch.messages  # the node's model after its step
-        return UpdateBatch(batch.node_ids, messages, batch.num_examples, batch.base_version, batch.bytes_up,
-                           batch.metrics, batch.report)
+        return UpdateBatch(
+            batch.node_ids,
+            messages,
+            batch.num_examples,
+            batch.base_version,
+            batch.bytes_up,
+            batch.metrics,
+            batch.report,
+        )
 
     def check_finite(self, params: torch.Tensor, info: RoundInfo, *, attacked: bool) -> None:
         if bool(torch.isfinite(params).all()):
             return
-        cause = ("the Byzantine rows got through the aggregation (use a robust aggregator)" if attacked
-                 else "the learning rates are too large for this model (lower strategy.client.lr or the server lr)")
+        cause = (
+            "the Byzantine rows got through the aggregation (use a robust aggregator)"
+            if attacked
+            else "the learning rates are too large for this model (lower strategy.client.lr or the server lr)"
+        )
         raise FedsimError(f"the model became NaN or Inf in step {info.round}; likely cause: {cause}")
 
     # -- evaluation and callbacks --------------------------------------------------------------

@@ -66,18 +66,26 @@ class SyncServer(Server):
             down = len(tasks) * (d * state.params.element_size() + broadcast_bytes(extra))
             totals = add_totals(state.totals, bytes_down=down)
             state = state.replace(node_states=merge_node_states(state.node_states, result), totals=totals)
-            metrics.update({
-                "train/participants": len(ids),
-                "comm/bytes_down": down,
-                "comm/bytes_down_total": totals["bytes_down"],
-                "time/train_s": train_s,
-            })
+            metrics.update(
+                {
+                    "train/participants": len(ids),
+                    "comm/bytes_down": down,
+                    "comm/bytes_down_total": totals["bytes_down"],
+                    "time/train_s": train_s,
+                }
+            )
             if self.is_eval_round(t, total):
                 t1 = time.perf_counter()
                 last_eval = pipeline.evaluate(state.params)
                 metrics.update(last_eval)
                 metrics["time/eval_s"] = time.perf_counter() - t1
             pipeline.end_round(t, metrics, t0=t0)
-        summary = pipeline.summary(state, last_eval, **{"comm/bytes_up_total": state.totals.get("bytes_up", 0),
-                                                        "comm/bytes_down_total": state.totals.get("bytes_down", 0)})
+        summary = pipeline.summary(
+            state,
+            last_eval,
+            **{
+                "comm/bytes_up_total": state.totals.get("bytes_up", 0),
+                "comm/bytes_down_total": state.totals.get("bytes_down", 0),
+            },
+        )
         return state, summary

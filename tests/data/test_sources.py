@@ -69,7 +69,9 @@ def test_fashion_mnist_reads_flat_gz_folder(tmp_path):
     assert ds.name == "fashion_mnist" and len(ds.y_train) == 12
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed"
+)
 def test_fashion_mnist_found_in_debian_location(tmp_path):
     ds = sources.load_fashion_mnist(root=str(tmp_path / "empty"), download=False)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)

@@ -53,8 +53,17 @@ def honest(n=N, d=D, seed=0):
 
 
 def test_every_aggregator_config_is_covered():
-    assert {"mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-            "centered_clipping", "meamed", "nna"} <= set(AGGREGATORS)
+    assert {
+        "mean",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "geometric_median",
+        "centered_clipping",
+        "meamed",
+        "nna",
+    } <= set(AGGREGATORS)
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -70,7 +79,9 @@ class TestConformance:
         U = honest()
         agg = rule(name)
         # NNA is defined around row 0 (a node's own vector), so row 0 stays in place.
-        perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N - 1, generator=torch.Generator().manual_seed(3))])
+        perm = torch.cat(
+            [torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N - 1, generator=torch.Generator().manual_seed(3))]
+        )
         if name != "nna":
             perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
         assert torch.allclose(run(agg, U), run(agg, U[perm]), atol=1e-5)
@@ -101,7 +112,10 @@ class TestConformance:
         assert torch.isfinite(out).all()
         # and it stays near the honest rows
         good = torch.cat([U[:3], U[4 : N - 1]])
-        assert torch.linalg.vector_norm(out - good.mean(dim=0)) < 2 * torch.linalg.vector_norm(good - good.mean(dim=0), dim=1).max()
+        assert (
+            torch.linalg.vector_norm(out - good.mean(dim=0))
+            < 2 * torch.linalg.vector_norm(good - good.mean(dim=0), dim=1).max()
+        )
 
     @pytest.mark.parametrize("pre", PRE)
     def test_chain_with_preaggregator(self, name, pre):
@@ -111,7 +125,12 @@ class TestConformance:
         U = honest()
         U[5] = float("inf")
         before = U.clone()
-        out, _ = strat.aggregate(U, torch.ones(N, dtype=torch.float64), strat.init(U[0], run_facts(N))["aggregator"], torch.Generator().manual_seed(0))
+        out, _ = strat.aggregate(
+            U,
+            torch.ones(N, dtype=torch.float64),
+            strat.init(U[0], run_facts(N))["aggregator"],
+            torch.Generator().manual_seed(0),
+        )
         assert out.shape == (D,) and torch.isfinite(out).all()
         assert torch.equal(U.isinf(), before.isinf()) and torch.equal(U[~U.isinf()], before[~before.isinf()])
 
@@ -234,7 +253,9 @@ def test_pairwise_distances_match_direct_computation_and_handle_inf():
 
 
 def test_chain_building_from_yaml_forms():
-    chain = build_chain(["nnm", {"name": "clipping", "c": 5.0}, {"_target_": "strategies.preaggregators.ARC", "f": 1}], f=2)
+    chain = build_chain(
+        ["nnm", {"name": "clipping", "c": 5.0}, {"_target_": "strategies.preaggregators.ARC", "f": 1}], f=2
+    )
     assert [type(p).__name__ for p in chain] == ["NNM", "Clipping", "ARC"]
     assert chain[0].f == 2 and chain[1].c == 5.0 and chain[2].f == 1
     with pytest.raises(ConfigError, match="unknown pre-aggregator"):

@@ -112,8 +112,16 @@ def test_first_participation_sends_g_uncompressed_or_compressed(feedback):
         assert state["e"].tolist() == [0.0, -1.0, 0.5, 0.0]
 
 
-BASE = ["cluster=local", "dataset=digits", "model=logreg", "num_nodes=8", "nodes_per_round=4", "rounds=4",
-        "eval_every=0", "seed=3"]
+BASE = [
+    "cluster=local",
+    "dataset=digits",
+    "model=logreg",
+    "num_nodes=8",
+    "nodes_per_round=4",
+    "rounds=4",
+    "eval_every=0",
+    "seed=3",
+]
 SIM = [*BASE, "strategy.client.steps=2"]
 
 
@@ -139,8 +147,14 @@ def test_per_node_estimates_feed_any_aggregator():
     the rule combines them; with the trimmed mean at f = 0 (the plain mean, but not declared
     linear) under full participation this equals the mirror of the mean."""
     set_driver_threads(1)
-    full = [*SIM, "nodes_per_round=8", "strategy.weighted=false", "compressor=top_k", "compressor.ratio=0.1",
-            "feedback=ef21"]
+    full = [
+        *SIM,
+        "nodes_per_round=8",
+        "strategy.weighted=false",
+        "compressor=top_k",
+        "compressor.ratio=0.1",
+        "feedback=ef21",
+    ]
     per_node = build(compose(*full, "strategy/aggregator=trimmed_mean", "byzantine.declared=0"))
     mirror = build(compose(*full))
     assert per_node.uplink.mode(per_node.strategy) == "per_node" and mirror.uplink.mode(mirror.strategy) == "mirror"
@@ -149,8 +163,9 @@ def test_per_node_estimates_feed_any_aggregator():
         assert torch.equal(a.uplink_state["h"][nid], s["uplink"]["h"])
     start = build(compose(*full)).state.params
     assert torch.allclose(a.params, b.params, atol=1e-5) and not torch.allclose(a.params, start, atol=1e-3)
-    median = build(compose(*SIM, "compressor=top_k", "compressor.ratio=0.1", "feedback=econtrol",
-                           "strategy/aggregator=median"))
+    median = build(
+        compose(*SIM, "compressor=top_k", "compressor.ratio=0.1", "feedback=econtrol", "strategy/aggregator=median")
+    )
     _, summary = median.run()
     assert math.isfinite(summary["eval/acc"])
 
@@ -175,8 +190,13 @@ def sampled_ids(sim) -> list[list[int]]:
     from fedsim.seeding import np_rng
 
     server = sim.server
-    return [sorted(int(i) for i in sim.participation(t, server.num_nodes, server.nodes_per_round, np_rng(server.seed, "sample", t)))
-            for t in range(server.rounds)]
+    return [
+        sorted(
+            int(i)
+            for i in sim.participation(t, server.num_nodes, server.nodes_per_round, np_rng(server.seed, "sample", t))
+        )
+        for t in range(server.rounds)
+    ]
 
 
 def test_compressed_training_learns_and_identity_changes_nothing():
@@ -198,7 +218,10 @@ def test_compressed_training_learns_and_identity_changes_nothing():
         (["feedback=econtrol", "feedback.eta=1.5"], "eta=1.5"),
         (["feedback=ef21", "feedback.h0=zero"], "h0"),
         (["compressor=top_k", "compressor.ratio=null"], "exactly one"),
-        (["compressor=top_k", "strategy=monna", "server=p2p", "nodes_per_round=8"], "server=p2p exchanges whole models"),
+        (
+            ["compressor=top_k", "strategy=monna", "server=p2p", "nodes_per_round=8"],
+            "server=p2p exchanges whole models",
+        ),
     ],
 )
 def test_bad_compression_configs_fail_with_one_line(overrides, match):

@@ -109,14 +109,24 @@ def test_baselines_fix_their_weighting_and_bad_options():
         FedAU(client=LocalSGD(), cutoff=0)
 
 
-SIM = ["cluster=local", "dataset=digits", "model=logreg", "num_nodes=30", "rounds=60", "eval_every=0",
-       "partition=dirichlet_per_node", "seed=2", "strategy.log_weights_every=20"]
+SIM = [
+    "cluster=local",
+    "dataset=digits",
+    "model=logreg",
+    "num_nodes=30",
+    "rounds=60",
+    "eval_every=0",
+    "partition=dirichlet_per_node",
+    "seed=2",
+    "strategy.log_weights_every=20",
+]
 
 
 def test_fedau_in_a_real_run_tracks_one_over_p():
     set_driver_threads(1)
-    sim = build(compose(*SIM, "strategy=fedau", "participation=bernoulli", "participation.p=0.3",
-                        "participation.p_min=0.1"))
+    sim = build(
+        compose(*SIM, "strategy=fedau", "participation=bernoulli", "participation.p=0.3", "participation.p_min=0.1")
+    )
     rec = []
 
     class Keep:

@@ -14,8 +14,13 @@ from tests.conftest import run_facts
 
 def batch_of(messages, counts):
     k = len(counts)
-    return UpdateBatch(torch.arange(k), messages, torch.tensor(counts), torch.zeros(k, dtype=torch.int64),
-                       torch.full((k,), 4 * messages.shape[1]))
+    return UpdateBatch(
+        torch.arange(k),
+        messages,
+        torch.tensor(counts),
+        torch.zeros(k, dtype=torch.int64),
+        torch.full((k,), 4 * messages.shape[1]),
+    )
 
 
 INFO = RoundInfo(0, 0, 0, 3, (0, 1, 2))
@@ -157,8 +162,9 @@ def test_fedprox_adds_the_proximal_gradient_at_every_step():
     two, one = message(LocalSGD(lr=0.5, steps=2, batch_size=4)), message(LocalSGD(lr=0.5, steps=1, batch_size=4))
     prox = message(FedProxClient(mu=2.0, lr=0.5, steps=2, batch_size=4))
     assert torch.allclose(prox, two - one, atol=1e-6)
-    assert torch.equal(message(FedProxClient(mu=0.0, lr=0.5, steps=5, batch_size=4)),
-                       message(LocalSGD(lr=0.5, steps=5, batch_size=4)))
+    assert torch.equal(
+        message(FedProxClient(mu=0.0, lr=0.5, steps=5, batch_size=4)), message(LocalSGD(lr=0.5, steps=5, batch_size=4))
+    )
     norms = [float(message(FedProxClient(mu=mu, lr=0.1, steps=10, batch_size=4)).norm()) for mu in (0.0, 1.0, 5.0)]
     assert norms[0] > norms[1] > norms[2]
     with pytest.raises(ConfigError, match="mu=-1"):

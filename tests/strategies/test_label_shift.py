@@ -45,8 +45,14 @@ def test_em_error_falls_with_the_test_sample_size():
     q = np.array([0.1, 0.1, 0.3, 0.5])
 
     def err(m: int) -> float:
-        return float(np.mean([np.abs(ls.em_marginal(gaussian_posteriors(prior, q, m, seed=s)[0], prior)[0] - q).sum()
-                              for s in range(8)]))
+        return float(
+            np.mean(
+                [
+                    np.abs(ls.em_marginal(gaussian_posteriors(prior, q, m, seed=s)[0], prior)[0] - q).sum()
+                    for s in range(8)
+                ]
+            )
+        )
 
     assert err(20_000) < 0.5 * err(500)
 

@@ -17,9 +17,21 @@ from tests.conftest import compose
 
 # A Gaussian mixture in the paper's 5clients setting: train node k holds class 5+k at 0.95, its
 # test set class k at 0.95, so about 5 training examples of each class 0-4 per node.
-SMALL = ["partition=vrls_5clients", "dataset=synthetic", "dataset.n_train=10000", "dataset.n_test=2000", "dataset.separation=5.0",
-         "model=mlp", "model.hidden=[32]", "strategy.predictor_rounds=400", "strategy.calibration_rounds=6",
-         "strategy.client.batch_size=64", "rounds=150", "eval_every=0", "seed=3"]
+SMALL = [
+    "partition=vrls_5clients",
+    "dataset=synthetic",
+    "dataset.n_train=10000",
+    "dataset.n_test=2000",
+    "dataset.separation=5.0",
+    "model=mlp",
+    "model.hidden=[32]",
+    "strategy.predictor_rounds=400",
+    "strategy.calibration_rounds=6",
+    "strategy.client.batch_size=64",
+    "rounds=150",
+    "eval_every=0",
+    "seed=3",
+]
 
 
 class Recorder:
@@ -103,23 +115,34 @@ def test_bit_identical_local_and_ray(ray_cluster):
 
 
 def test_local_form_and_bbse_run_end_to_end():
-    _, state, summary, rounds = run("strategy=vrls_bbse", "strategy.client.form=local", "strategy.client.steps=3",
-                                      "strategy.client.lr=0.1", "strategy.predictor_rounds=20", "rounds=5",
-                                      "cluster=local")
+    _, state, summary, rounds = run(
+        "strategy=vrls_bbse",
+        "strategy.client.form=local",
+        "strategy.client.steps=3",
+        "strategy.client.lr=0.1",
+        "strategy.predictor_rounds=20",
+        "rounds=5",
+        "cluster=local",
+    )
     assert [m["vrls/phase"] for m in rounds] == [0] * 20 + [1] + [2] + [3] * 5  # BBSE: one report round
     assert "vrls/temperature" not in rounds[20]  # no calibration for BBSE
-    assert np.isfinite(state.strategy_state["target"]).all() and state.strategy_state["target"].sum() == pytest.approx(1)
+    assert np.isfinite(state.strategy_state["target"]).all() and state.strategy_state["target"].sum() == pytest.approx(
+        1
+    )
     assert 0.0 <= summary["eval/node_acc_mean"] <= 1.0
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["server=async"], "strategy=vrls runs on server=sync, not server=async"),
-    (["strategy.estimate_rounds=0"], "estimate_rounds"),
-    (["strategy.estimator=magic"], "estimator"),
-    (["strategy.client.form=sometimes"], "form"),
-    (["strategy.client.holdout=0"], "holdout"),
-    (["strategy.calibration=platt"], "calibration"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["server=async"], "strategy=vrls runs on server=sync, not server=async"),
+        (["strategy.estimate_rounds=0"], "estimate_rounds"),
+        (["strategy.estimator=magic"], "estimator"),
+        (["strategy.client.form=sometimes"], "form"),
+        (["strategy.client.holdout=0"], "holdout"),
+        (["strategy.calibration=platt"], "calibration"),
+    ],
+)
 def test_bad_configs_fail_with_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as err:
         build(compose(*SMALL, "strategy=vrls", "cluster=local", *extra))
@@ -132,8 +155,15 @@ SHORT = ["strategy.predictor_rounds=30", "strategy.calibration_rounds=2", "round
 def test_partial_participation_pools_the_nodes_that_have_reported():
     """Under Bernoulli participation every phase uses the round's nodes; the target pools the
     estimates of the nodes sampled in the estimate rounds, and more estimate rounds hear more."""
-    part = ["partition=dirichlet", "partition.node_test=iid", "num_nodes=12", "nodes_per_round=12",
-            "participation=bernoulli", "participation.rates=constant", "participation.p=0.3"]
+    part = [
+        "partition=dirichlet",
+        "partition.node_test=iid",
+        "num_nodes=12",
+        "nodes_per_round=12",
+        "participation=bernoulli",
+        "participation.rates=constant",
+        "participation.p=0.3",
+    ]
     one = run("strategy=vrls", *SHORT, *part)
     many = run("strategy=vrls", *SHORT, *part, "strategy.estimate_rounds=8")
     for sim, state, _, rounds in (one, many):
@@ -143,8 +173,10 @@ def test_partial_participation_pools_the_nodes_that_have_reported():
         target = state.strategy_state["target"]
         assert np.isfinite(target).all() and target.min() >= 0 and target.sum() == pytest.approx(1)
         assert sim.total_rounds == 30 + 2 + sim.strategy.estimate_rounds + 3
-    assert np.isfinite(one[1].strategy_state["q_hat"]).all(1).sum() < np.isfinite(
-        many[1].strategy_state["q_hat"]).all(1).sum()
+    assert (
+        np.isfinite(one[1].strategy_state["q_hat"]).all(1).sum()
+        < np.isfinite(many[1].strategy_state["q_hat"]).all(1).sum()
+    )
 
 
 def test_robust_pooling_resists_lying_reports():
@@ -166,9 +198,16 @@ def test_robust_pooling_resists_lying_reports():
 def test_byzantine_nodes_lie_in_their_reports_and_robust_pooling_survives():
     """A Byzantine node's report rows come from the attack like any row; with the median the
     pipeline runs every phase to a valid target and a finite model."""
-    sim, state, summary, rounds = run("strategy=vrls", *SHORT, "partition=dirichlet", "num_nodes=9",
-                                      "nodes_per_round=9", "byzantine.num=2", "attack=alie",
-                                      "strategy/aggregator=median")
+    sim, state, summary, rounds = run(
+        "strategy=vrls",
+        *SHORT,
+        "partition=dirichlet",
+        "num_nodes=9",
+        "nodes_per_round=9",
+        "byzantine.num=2",
+        "attack=alie",
+        "strategy/aggregator=median",
+    )
     assert [m["attack/byzantine_rows"] for m in rounds] == [2] * len(rounds)
     lied = state.strategy_state["q_hat"][sorted(sim.byzantine.ids)]
     assert np.isfinite(lied).all()  # the attackers' estimates were received (and pooled robustly)
@@ -248,8 +287,13 @@ def test_lazy_node_data_gathers_the_same_rows():
 
 def test_the_entropy_weight_reaches_the_nodes():
     short = ["strategy.predictor_rounds=20", "strategy.calibration_rounds=2", "rounds=1", "cluster=local"]
-    q = {name: run(*args, *short)[1].strategy_state["q_hat"]
-         for name, args in {"vrls": ["strategy=vrls"], "vrls_zeta0": ["strategy=vrls", "strategy.zeta=0"],
-                            "mlls": ["strategy=vrls_mlls"]}.items()}
+    q = {
+        name: run(*args, *short)[1].strategy_state["q_hat"]
+        for name, args in {
+            "vrls": ["strategy=vrls"],
+            "vrls_zeta0": ["strategy=vrls", "strategy.zeta=0"],
+            "mlls": ["strategy=vrls_mlls"],
+        }.items()
+    }
     assert np.array_equal(q["vrls_zeta0"], q["mlls"])  # MLLS is VRLS with zeta = 0, bit for bit
     assert not np.array_equal(q["vrls"], q["mlls"])  # zeta changed the predictor, hence the estimate
