@@ -111,7 +111,9 @@ def run(cfg: DictConfig) -> dict[str, object]:
     sim = build(cfg)
     try:
         callbacks = list(make(cfg.logger.callbacks)) if cfg.logger.get("callbacks") else []
-        meta = RunMeta(output_dir, OmegaConf.to_container(cfg, resolve=True), sim.total_rounds, names, sim.info())
+        config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(config, dict)
+        meta = RunMeta(output_dir, {str(k): v for k, v in config.items()}, sim.total_rounds, names, sim.info())
         for cb in callbacks:
             cb.on_run_start(meta)
         _, summary = sim.run(callbacks)

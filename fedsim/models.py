@@ -107,7 +107,7 @@ def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2
     in_ch, height = int(input_shape[0]), int(input_shape[1])
     if height <= 64:
         model.conv1 = nn.Conv2d(in_ch, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()  # type: ignore[assignment]
+        model.maxpool = nn.Identity()
     elif in_ch != 3:
         model.conv1 = nn.Conv2d(in_ch, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model

@@ -111,7 +111,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     ``return_hydra_config=True``."""
     names = dict(names) if names is not None else choices(cfg)
     if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # type: ignore[assignment]
+        cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     validate(cfg)
     seed, num_nodes, per_round = int(cfg.seed), int(cfg.num_nodes), int(cfg.nodes_per_round)
     dataset = make(cfg.dataset)

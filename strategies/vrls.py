@@ -291,6 +291,8 @@ class VRLS(FedAvg):
     (null: equal weights for ``fedsgd`` as in the code, example counts for ``local``).
     """
 
+    client: VRLSClient
+
     def __init__(
         self,
         *,

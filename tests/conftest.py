@@ -14,6 +14,13 @@ CONF = ROOT / "conf"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's Ray cluster are marked ``ray`` (``-m "not ray"`` skips them)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

@@ -201,7 +201,8 @@ def test_federated_floral_defence_runs_end_to_end_with_a_robust_aggregator():
         "cluster=local",
         "num_nodes=8",
         "nodes_per_round=8",
-        "rounds=3",
+        "rounds=12",
+        "strategy.client.epochs=2",
         "strategy=floral",
         "strategy/aggregator=trimmed_mean",
         "byzantine.declared=1",
@@ -210,8 +211,12 @@ def test_federated_floral_defence_runs_end_to_end_with_a_robust_aggregator():
         "attack.fraction=0.3",
         "eval_every=0",
     )
-    state, summary = build(cfg).run()
-    assert torch.isfinite(state.params).all() and summary["eval/acc"] > 0.1
+    sim = build(cfg)
+    before = sim.evaluator(sim.state.params)["eval/acc"]
+    state, summary = sim.run()
+    # 30 % of every node's labels reversed, the self-attacking client, the trimmed mean: it still
+    # learns the 10 digits (chance 0.1; 0.73 when this test was written)
+    assert torch.isfinite(state.params).all() and summary["eval/acc"] > max(0.6, before + 0.4)
     cfg = compose(
         "dataset=moons",
         "model=rff_svm",

@@ -14,6 +14,7 @@ import pickle
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,8 @@ def read_idx(path: Path) -> np.ndarray:
         raw = fh.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ConfigError(f"{path} is not an IDX file (bad magic number)")
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}.get(raw[2])
+    dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtype = dtypes.get(raw[2])
     if dtype is None:
         raise ConfigError(f"{path}: unknown IDX element type {raw[2]:#x}")
     ndim = raw[3]

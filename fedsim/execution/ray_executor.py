@@ -83,8 +83,10 @@ class RayExecutor:
         ds = data.dataset
         x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
         test = (ray.put(ds.x_test), list(data.partition.test)) if spec.unlabelled else (None, None)
-        actor_cls = ray.remote(num_cpus=1, max_restarts=0)(NodeWorker)
-        self.actors = [actor_cls.remote(spec, x_ref, y_ref, list(data.partition.train), *test) for _ in range(n)]
+        actor_cls: Any = ray.remote(num_cpus=1, max_restarts=0)(NodeWorker)
+        self.actors: list[Any] = [
+            actor_cls.remote(spec, x_ref, y_ref, list(data.partition.train), *test) for _ in range(n)
+        ]
         try:
             self.nodes = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:

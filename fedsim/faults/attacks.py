@@ -70,7 +70,7 @@ class Attack(UpdateAttack):
         state = {} if state is None else state
         if f == 0:
             return honest.new_zeros((0, honest.shape[1])), state
-        return _rows(self.vector(honest, f, rng), f), state
+        return _rows(self.vector(honest, f, rng if rng is not None else torch.Generator()), f), state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
@@ -338,7 +338,7 @@ class LabelFlip(DataAttack):
         out = y.copy()
         if self.mapping == "targeted":
             for c in (self.source, self.target):
-                if not 0 <= int(c) < num_classes:
+                if c is None or not 0 <= int(c) < num_classes:
                     raise ConfigError(f"label_flip: class {c} is outside 0..{num_classes - 1}")
             eligible = np.flatnonzero(y == self.source)
         else:

@@ -60,17 +60,17 @@ class Byzantine:
         if chosen is not None:  # a data attack at named nodes (or all), not at drawn Byzantine ones
             if num:
                 raise ConfigError("attack.nodes names the poisoned nodes itself; leave byzantine.num=0")
-            ids = range(num_nodes) if chosen == "all" else chosen
-            bad = [i for i in ids if not 0 <= i < num_nodes]
+            named = list(range(num_nodes)) if chosen == "all" else [int(i) for i in chosen]
+            bad = [i for i in named if not 0 <= i < num_nodes]
             if bad:
                 raise ConfigError(f"attack.nodes has ids {bad[:5]} outside 0..{num_nodes - 1}")
-            return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
+            return Byzantine(frozenset(named), int(declared), attack)
         if attack is not None and num == 0:
             raise ConfigError(f"attack={type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
         if num == num_nodes and isinstance(attack, UpdateAttack):
             raise ConfigError("every node is Byzantine, so an update attack has no honest rows; lower byzantine.num")
-        ids = np_rng(seed, "byzantine").choice(num_nodes, size=num, replace=False) if num else []
-        return Byzantine(frozenset(int(i) for i in ids), int(declared), attack)
+        drawn = np_rng(seed, "byzantine").choice(num_nodes, size=num, replace=False).tolist() if num else []
+        return Byzantine(frozenset(int(i) for i in drawn), int(declared), attack)
 
     def poison(self, data: FederatedData, seed: int) -> FederatedData:
         """For a data attack: the same data with each Byzantine node's labels poisoned. Labels are

@@ -215,7 +215,9 @@ class Cyclic(_Availability):
         return np.zeros(len(inactive), dtype=bool), to_switch
 
     def _advance(self, state: object, t: int) -> tuple[object, np.ndarray]:
-        on, to_switch = state  # type: ignore[misc]
+        assert isinstance(state, tuple)
+        on: np.ndarray = state[0]
+        to_switch: np.ndarray = state[1]
         active, inactive = self.lengths()
         switch = to_switch == 0
         on = np.where(switch, ~on, on)

@@ -37,7 +37,7 @@ class WandbLogger(Callback):
         self.run = wandb.init(
             project=self.project,
             entity=self.entity,
-            mode=self.mode,
+            mode=self.mode,  # type: ignore[arg-type]  # checked by wandb itself
             dir=str(meta.output_dir),
             name=meta.run_name,
             group=meta.group,

@@ -214,8 +214,9 @@ class _Loop:
                     job.num_examples = result.num_examples[i]
                     job.metrics = result.metrics[i]
                     job.nbytes = row_bytes[i]
-                    if result.states[i] is not None:
-                        node_states[nid] = result.states[i]
+                    new_state = result.states[i]
+                    if new_state is not None:
+                        node_states[nid] = new_state
                 self.state.node_states = node_states
             pending = later
         self.train_s += time.perf_counter() - t0

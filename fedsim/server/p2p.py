@@ -20,6 +20,7 @@ member's model: ``eval/honest_acc_mean``, ``_min`` and ``_max``. Every node acts
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,11 @@ from fedsim.execution.worker import NodeTask
 from fedsim.server.pipeline import Pipeline, add_totals, merge_node_states
 from fedsim.state import RunState
 from fedsim.types import RoundInfo
+
+
+def _same(models: torch.Tensor, batch: object) -> torch.Tensor:
+    """Every member's row of the batch started from its own row of ``models``."""
+    return models
 
 
 @dataclass
@@ -79,7 +85,7 @@ class P2PServer(Server):
             result = pipeline.train(None, t, tasks, dim=int(X.shape[1]))
             train_s = time.perf_counter() - t0
             info = RoundInfo(t, state.version, self.seed, self.num_nodes, tuple(members), byzantine.declared)
-            stepped = pipeline.step(state, result, info, faulty=faulty, starts=lambda batch, X=X: X)
+            stepped = pipeline.step(state, result, info, faulty=faulty, starts=functools.partial(_same, X))
             assert stepped is not None
             state, metrics = stepped
             sent = int(metrics.pop("p2p/vectors_sent", 0))

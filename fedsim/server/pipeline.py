@@ -168,7 +168,7 @@ class Pipeline:
         if self.uplink_mode == "per_node":
             batch, uplink_state = self.uplink.decode(batch, uplink_state)
         batch = self.rows(batch, state.params, starts)
-        attack_state, attack_metrics = state.attack_state, {}
+        attack_state, attack_metrics = state.attack_state, dict[str, Any]()
         if self.byzantine.num:
             attack = self.byzantine.attack
             needs = attack is not None and attack.needs_defence and self.byzantine.is_update_attack and faulty
