@@ -6,18 +6,22 @@ A plain run is checked before Hydra starts, so a typo never costs a Ray start-up
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedsim.errors import ConfigError, FedsimError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_NEW_FOLDERS: list[Path] = []
+"""Folders of the run directory that did not exist before this run (removed again after a usage error)."""
 
 
 def _fail(message: str, code: int) -> None:
@@ -74,21 +78,79 @@ def _numeric_option(argv: list[str]) -> str | None:
     return None
 
 
+def _unparsable(argv: list[str]) -> str | None:
+    """The first override Hydra's grammar cannot parse, as one line naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        try:
+            parser.parse_override(arg)
+        except Exception as exc:  # noqa: BLE001 - the grammar's own error, folded into one line
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return (
+                f"cannot read the override {arg} ({why}); quote values with brackets, commas or spaces, "
+                "e.g. 'strategy.preaggregators=[nnm,bucketing]'"
+            )
+    return None
+
+
+def group_overrides(argv: list[str]) -> list[str]:
+    """The overrides of ``argv`` that choose a config group option (``strategy=fedau``,
+    ``strategy/aggregator=median``, ``+experiment=...``): what fixes a config's defaults."""
+    out = []
+    for arg in argv:
+        key = arg.partition("=")[0].lstrip("+~")
+        if "=" in arg and (CONF_DIR / key).is_dir():
+            out.append(arg)
+    return out
+
+
+def _run_dir_problem(cfg: DictConfig) -> str | None:
+    """Why the run folder cannot be created (None when it can); creates nothing that stays."""
+    try:
+        run_dir = Path(str(cfg.hydra.run.dir))
+    except Exception:  # noqa: BLE001 - an unresolvable dir is Hydra's to report
+        return None
+    missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+    _NEW_FOLDERS[:] = missing
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".fedsim-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot create the run folder hydra.run.dir={run_dir}: {exc.strerror or exc}; choose a writable folder"
+    finally:
+        for p in missing:  # leave nothing behind: Hydra makes it again when the run starts
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    return None
+
+
 def _preflight(argv: list[str]) -> None:
     """Compose and validate the config of a plain run (no flags, no sweeps)."""
     from hydra import compose, initialize_config_dir
 
-    from fedsim.config import validate
+    from fedsim.config import check_types, validate
 
+    bad = _unparsable(argv)
+    if bad:
+        _fail(bad, 2)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=argv)
+            cfg = compose(config_name="config", overrides=argv, return_hydra_config=True)
+            reference = compose(config_name="config", overrides=group_overrides(argv))
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
         _fail(_numeric_option(argv) or one_line(exc), 2)
     try:
         validate(cfg)
+        check_types(cfg, reference)
     except ConfigError as exc:
         _fail(str(exc), 2)
+    problem = _run_dir_problem(cfg)
+    if problem:
+        _fail(problem, 2)
 
 
 def _is_plain_run(argv: list[str]) -> bool:
@@ -97,37 +159,40 @@ def _is_plain_run(argv: list[str]) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, object]:
     """Build and run one simulation from a composed config; returns the run summary."""
-    from fedsim.logging import RunMeta
-    from fedsim.simulation import build, make, set_driver_threads
+    from fedsim.runner import execute
 
-    set_driver_threads(1)
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         output_dir = Path(hc.runtime.output_dir)
-        names = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+        names = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
     else:
         output_dir = Path(os.getcwd())
         names = {}
-    sim = build(cfg)
-    try:
-        callbacks = list(make(cfg.logger.callbacks)) if cfg.logger.get("callbacks") else []
-        config = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(config, dict)
-        meta = RunMeta(output_dir, {str(k): v for k, v in config.items()}, sim.total_rounds, names, sim.info())
-        for cb in callbacks:
-            cb.on_run_start(meta)
-        _, summary = sim.run(callbacks)
-        for cb in callbacks:
-            cb.on_run_end(summary)
-    finally:
-        sim.close()
-    return summary
+    return execute(cfg, output_dir=output_dir, names=names)
+
+
+def _leave_nothing(output_dir: Path) -> None:
+    """After a usage error, remove the run folder Hydra made if nothing but its own files is in it
+    (and the parent folders it made for it, when they are empty)."""
+    if not output_dir.is_dir():
+        return
+    ours = {".hydra", "cli.log", "main.log", "__main__.log"}
+    if all(p.name in ours for p in output_dir.iterdir()):
+        shutil.rmtree(output_dir, ignore_errors=True)
+        for folder in _NEW_FOLDERS:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
+    except ConfigError as exc:
+        if HydraConfig.initialized():
+            _leave_nothing(Path(HydraConfig.get().runtime.output_dir))
+
+        _fail(str(exc), exc.exit_code)
     except FedsimError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

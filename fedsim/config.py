@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigError
 
@@ -32,6 +32,32 @@ def _int(cfg: DictConfig, key: str, *, minimum: int, prefix: str = "") -> int:
     if value < minimum:
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def check_types(cfg: DictConfig, reference: DictConfig) -> None:
+    """Raise ConfigError where a value overridden on the command line has the wrong kind: text
+    where the option's default is a number or a flag (``strategy.client.lr=abc``)."""
+
+    def walk(value: Any, default: Any, key: str) -> None:
+        if isinstance(default, dict) and isinstance(value, dict):
+            for k, v in value.items():
+                if k in default:
+                    walk(v, default[k], f"{key}{k}.")
+            return
+        name = key[:-1]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false (default {default})")
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if number and isinstance(value, str) and not value.startswith("${"):
+            raise ConfigError(f"{name}={value!r} must be a number, e.g. {name}={default}")
+
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    walk(
+        {k: v for k, v in plain.items() if k != "hydra"} if isinstance(plain, dict) else {},
+        OmegaConf.to_container(reference, resolve=False),
+        "",
+    )
 
 
 def choices(cfg: DictConfig) -> dict[str, str]:
@@ -67,6 +93,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"byzantine.num={num_byz} exceeds num_nodes={num_nodes}; lower byzantine.num")
     if byz.get("declared") is not None:
         _int(byz, "declared", minimum=0, prefix="byzantine.")
+    if not isinstance(cfg.get("resume", False), bool):
+        raise ConfigError(f"resume={cfg.get('resume')!r} must be true or false")
+    ck = cfg.get("checkpoint")
+    if ck is not None:
+        _int(ck, "every", minimum=0, prefix="checkpoint.")
+        _int(ck, "keep", minimum=1, prefix="checkpoint.")
+    div = cfg.get("divergence")
+    if div is not None and (isinstance(div, bool) or not isinstance(div, (int, float)) or div <= 1):
+        raise ConfigError(f"divergence={div!r} must be a factor > 1, or null to switch the guard off")
     if per_round > num_nodes:
         raise ConfigError(
             f"nodes_per_round={per_round} exceeds num_nodes={num_nodes}; "

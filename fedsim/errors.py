@@ -30,3 +30,28 @@ class NodeError(FedsimError):
 
     def __reduce__(self):  # survives pickling across Ray processes
         return (NodeError, (self.node_id, self.round, self.cause))
+
+
+class Stopped(FedsimError):
+    """The run stopped before its end at a step boundary (the last complete state can be
+    checkpointed and resumed)."""
+
+
+class Interrupted(Stopped):
+    """SIGINT or SIGTERM: stop at the next step boundary; exit 130 or 143 (128 + the signal)."""
+
+    def __init__(self, signum: int, round_: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {round_}")
+        self.exit_code = 128 + int(signum)
+        self.signum = signum
+
+
+class Diverged(Stopped):
+    """The model or the training loss became non-finite or exploded."""
+
+
+class WorkersLost(Stopped):
+    """Ray workers kept dying: too many failures in a row."""

@@ -3,7 +3,7 @@ uplink, server; the compatibility check (``fedsim.compat``); then the executor a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +64,16 @@ class Simulation:
     latency: Any = None
     names: dict[str, str] = field(default_factory=dict)
 
-    def pipeline(self, callbacks: Sequence[Callback] = ()) -> Pipeline:
+    def pipeline(
+        self,
+        callbacks: Sequence[Callback] = (),
+        *,
+        divergence: float | None = None,
+        on_boundary: Callable[[RunState], None] | None = None,
+    ) -> Pipeline:
         return Pipeline(
+            divergence=divergence,
+            on_boundary=on_boundary,
             strategy=self.strategy,
             executor=self.executor,
             byzantine=self.byzantine,
@@ -115,6 +123,12 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     validate(cfg)
     seed, num_nodes, per_round = int(cfg.seed), int(cfg.num_nodes), int(cfg.nodes_per_round)
     dataset = make(cfg.dataset)
+    if num_nodes > len(dataset.y_train):
+        raise ConfigError(
+            f"num_nodes={num_nodes} exceeds the {len(dataset.y_train)} training examples of this dataset; every node "
+            f"needs data: set num_nodes<={len(dataset.y_train)}"
+        )
+
     partition = make(cfg.partition)(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
     attack = make(cfg.attack) if cfg.attack.get("_target_") else None
     byzantine = Byzantine.draw(

@@ -14,44 +14,160 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsim.data.base import FederatedData
-from fedsim.errors import ConfigError, FedsimError, NodeError
+from fedsim.errors import ConfigError, FedsimError, NodeError, WorkersLost
 from fedsim.execution.worker import NodeTask, NodeWorker, RoundResult, WorkerSpec, assign_lpt
 
 READY_TIMEOUT_S = 300.0
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
-def start_ray(*, address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None) -> None:
-    """Connect to ``address`` (``auto`` or host:port) or start a local Ray with ``num_cpus``.
-    Reuses an already initialised Ray (tests share one instance)."""
+def _token_available() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path(path).is_file() if path else TOKEN_FILE.is_file())
+
+
+def resolve_address(address: str) -> str:
+    """``auto``: the cluster ``ray start`` last started on this machine (RAY_ADDRESS or Ray's
+    ``ray_current_cluster`` file); otherwise the address itself."""
+    if address != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip():
+        return current.read_text().strip()
+    raise ConfigError(
+        "cluster.address=auto, but no Ray cluster was started on this machine (no RAY_ADDRESS, no "
+        f"{current}); start one with `ray start --head`, or give cluster.address=HOST:PORT"
+    )
+
+
+def _refresh_ray_config() -> None:
+    """Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN into its C++ config at import; re-read them (as Ray
+    itself does when it turns token mode on for a new local cluster)."""
+    try:
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+    except ImportError:  # pragma: no cover - other Ray versions: the environment must be set before start
+        return
+    Config.initialize("")
+
+
+def reachable(address: str, timeout: float) -> str | None:
+    """None when something listens at host:port, else why not (one phrase)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"'{address}' is not HOST:PORT"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def start_ray(
+    *,
+    address: str | None,
+    num_cpus: int | None,
+    runtime_env: dict[str, Any] | None = None,
+    auth_token: str | None = None,
+    connect_timeout: float = 30.0,
+) -> bool:
+    """Join the cluster at ``address`` (``auto`` or host:port) or start this run's own local Ray
+    with ``num_cpus`` (never an existing cluster on the machine). Returns whether this call
+    started Ray (then closing the run shuts it down). Reuses an already initialised Ray (tests).
+
+    Token authentication (Ray >= 2.59 turns it on for a ``ray start --head`` cluster when a token
+    exists on that machine, ``~/.ray/auth_token``): ``auth_token`` is the cluster's token, or
+    ``file`` for the token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); null leaves Ray's own
+    setting (token mode only with RAY_AUTH_MODE=token in the environment). A driver in token mode
+    cannot use a cluster without authentication, so fedsim never turns it on by itself."""
+
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     logging.getLogger("ray").setLevel(logging.ERROR)
-    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+    # SIGTERM is fedsim's to handle (stop at a step boundary), not a crash to dump a C++ stack for
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
     if runtime_env:
         kwargs["runtime_env"] = dict(runtime_env)
-    if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not address:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        return True
+    target = resolve_address(address)
+    why = reachable(target, connect_timeout)
+    if why is not None:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at cluster.address={address} ({target}): {why}; start it "
+            "with `ray start --head --port=PORT` there, or leave cluster.address unset for a local Ray"
+        )
+    if auth_token == "file":
+        if not _token_available():
             raise ConfigError(
-                f"cannot join the Ray cluster at cluster.address={address}: {first}; "
-                "start it with `ray start --head` or leave cluster.address unset for a local Ray"
-            ) from None
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+                f"cluster.auth_token=file, but there is no token file ({TOKEN_FILE}, or RAY_AUTH_TOKEN_PATH); "
+                "copy the head's ~/.ray/auth_token here, or give the token itself"
+            )
+        os.environ["RAY_AUTH_MODE"] = "token"
+    elif auth_token:
+        os.environ["RAY_AUTH_TOKEN"] = str(auth_token)
+        os.environ["RAY_AUTH_MODE"] = "token"
+    if auth_token:
+        _refresh_ray_config()
+
+    try:
+        ray.init(address=target, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here; all are one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            "if the cluster uses token authentication, give its token: cluster.auth_token=... or "
+            "RAY_AUTH_TOKEN, or copy the head's ~/.ray/auth_token to this machine"
+        )
+        raise ConfigError(
+            f"cannot join the Ray cluster at cluster.address={address} ({target}): {first}; {hint}"
+        ) from None
+    return False
+
+
+class RayNodeWorker(NodeWorker):
+    """The node worker as a Ray actor. It is created empty and ``load``s the shared arrays and
+    the node index from the object store (zero-copy on its machine); the executor keeps those
+    references alive and loads a restarted actor again before rerunning its part."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.loaded = False
+
+    def load(self, refs: dict[str, Any]) -> str:
+        import ray
+
+        values = dict(zip(refs, ray.get(list(refs.values()))))
+        super().__init__(
+            self.spec, values["x"], values["y"], values["index"], values.get("x_test"), values.get("test_index")
+        )
+        self.loaded = True
+        return self.ready()
 
 
 class RayExecutor:
-    """Runs nodes on ``num_actors`` Ray actors (default: one per CPU of the cluster)."""
+    """Runs nodes on ``num_actors`` Ray actors (default: one per CPU of the cluster).
+
+    Lost workers: actors restart when their process (or machine) dies (``max_restarts``), and the
+    executor runs the dead actor's part of the round again on it; results depend only on their
+    inputs, so the round is bit-identical. After ``max_failures`` failures in a row it gives up
+    with `WorkersLost` (the run then writes a checkpoint and stops)."""
 
     def __init__(
         self,
@@ -62,6 +178,9 @@ class RayExecutor:
         num_cpus: int | None = None,
         num_actors: int | None = None,
         runtime_env: dict[str, Any] | None = None,
+        auth_token: str | None = None,
+        connect_timeout: float = 30.0,
+        max_failures: int = 3,
     ) -> None:
         import ray
 
@@ -69,10 +188,20 @@ class RayExecutor:
             raise ConfigError(f"cluster.num_cpus={num_cpus} must be >= 1")
         if num_actors is not None and num_actors < 1:
             raise ConfigError(f"cluster.num_actors={num_actors} must be >= 1")
-        start_ray(address=address, num_cpus=num_cpus, runtime_env=runtime_env)
+        if max_failures < 0:
+            raise ConfigError(f"cluster.max_failures={max_failures} must be >= 0")
+        self.owns_ray = start_ray(
+            address=address,
+            num_cpus=num_cpus,
+            runtime_env=runtime_env,
+            auth_token=auth_token,
+            connect_timeout=connect_timeout,
+        )
+        self.actors: list[Any] = []
         cpus = int(ray.cluster_resources().get("CPU", 0))
         n = num_actors or max(cpus, 1)
         if n > cpus:
+            self.shutdown()
             raise ConfigError(
                 f"cluster.num_actors={n} but the Ray cluster has {cpus} CPUs; "
                 f"set cluster.num_actors<={cpus} or add CPUs (cluster.num_cpus)"
@@ -80,20 +209,25 @@ class RayExecutor:
         self.spec = spec
         self.client_update = spec.client_update
         self.sizes = [len(ix) for ix in data.partition.train]
+        self.max_failures = int(max_failures)
         ds = data.dataset
-        x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
-        test = (ray.put(ds.x_test), list(data.partition.test)) if spec.unlabelled else (None, None)
-        actor_cls: Any = ray.remote(num_cpus=1, max_restarts=0)(NodeWorker)
-        self.actors: list[Any] = [
-            actor_cls.remote(spec, x_ref, y_ref, list(data.partition.train), *test) for _ in range(n)
-        ]
+        # the arrays go into the object store once; the executor keeps the references alive, so a
+        # restarted actor can map them again
+        self.refs = {"x": ray.put(ds.x_train), "y": ray.put(ds.y_train), "index": ray.put(list(data.partition.train))}
+        if spec.unlabelled:
+            self.refs["x_test"] = ray.put(ds.x_test)
+            self.refs["test_index"] = ray.put(list(data.partition.test))
+        actor_cls: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(RayNodeWorker)
+        self.actors = [actor_cls.remote(spec) for _ in range(n)]
         try:
-            self.nodes = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+            self.nodes = ray.get([a.load.remote(self.refs) for a in self.actors], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
+            self.shutdown()
             raise FedsimError(
                 f"{n} Ray actors did not start within {READY_TIMEOUT_S:.0f}s; check `ray status` for free CPUs"
             ) from None
         self.num_workers = n
+        self.restarts = 0
         self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s))"
 
     def run_round(
@@ -104,26 +238,49 @@ class RayExecutor:
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
         plan = assign_lpt(tasks, work, self.num_workers)
         params_ref = ray.put(params)
-        futures = [
-            (actor, part, actor.run.remote(params_ref, round_, part, broadcast))
-            for actor, part in zip(self.actors, plan)
-            if part
-        ]
-        results = []
-        for _actor, part, fut in futures:
+        pending = {i: (self.actors[i], part) for i, part in enumerate(plan) if part}
+        futures = {i: actor.run.remote(params_ref, round_, part, broadcast) for i, (actor, part) in pending.items()}
+        results: dict[int, RoundResult] = {}
+        failures = 0
+        while futures:
+            i, fut = next(iter(futures.items()))
             try:
-                results.append(ray.get(fut))
+                results[i] = ray.get(fut)
+                del futures[i]
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause
                 if isinstance(cause, NodeError):
                     raise NodeError(cause.node_id, cause.round, cause.cause) from None
                 raise FedsimError(f"a Ray worker failed in round {round_}: {type(cause).__name__}: {cause}") from None
             except ray.exceptions.RayActorError as exc:
-                ids = [t.node_id for t in part]
-                raise FedsimError(
-                    f"a Ray worker died in round {round_} while running nodes {ids}: {str(exc).splitlines()[0]}"
-                ) from None
-        return RoundResult.merge(results)
+                failures += 1
+                ids = [t.node_id for t in pending[i][1]]
+                if failures > self.max_failures:
+                    raise WorkersLost(
+                        f"Ray workers died {failures} times in a row in round {round_} (last while running nodes "
+                        f"{ids[:8]}): {str(exc).splitlines()[0]}; check the cluster (`ray status`), or raise "
+                        "cluster.max_failures"
+                    ) from None
+                futures[i] = self.rerun(i, params_ref, round_, pending[i][1], broadcast)
+        return RoundResult.merge([results[i] for i in sorted(results)])
+
+    def rerun(self, i: int, params_ref: Any, round_: int, part: list[NodeTask], broadcast: dict | None) -> Any:
+        """Wait for actor ``i`` to come back (Ray restarts it) and run its part again."""
+        import ray
+
+        self.restarts += 1
+        actor = self.actors[i]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                ray.get(actor.load.remote(self.refs), timeout=max(1.0, deadline - time.monotonic()))
+                break
+
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return actor.run.remote(params_ref, round_, part, broadcast)
 
     def worker_nodes(self) -> list[str]:
         return list(self.nodes)
@@ -132,5 +289,7 @@ class RayExecutor:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self.actors = []
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()

@@ -1,12 +1,15 @@
 """Run callbacks: console progress, JSONL metrics, Weights & Biases.
 
-A callback has three hooks, each optional: ``on_run_start(meta)``, ``on_round_end(round,
-metrics)``, ``on_run_end(summary)``. Metric keys are namespaced: ``train/``, ``eval/``,
-``agg/``, ``comm/``, ``time/``.
+A callback has these hooks, each optional: ``on_run_start(meta)``, ``on_round_end(round,
+metrics)``, ``on_run_end(summary)``, ``on_run_stop(reason)`` (the run stops early: a signal, a
+divergence, lost workers, an error), and for resumable runs ``position()``, what it needs to
+continue after a checkpoint (``meta.resume`` hands it back). Metric keys are namespaced:
+``train/``, ``eval/``, ``agg/``, ``comm/``, ``time/``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,10 @@ class RunMeta:
     rounds: int
     names: dict[str, str] = field(default_factory=dict)  # config group -> chosen option
     info: dict[str, Any] = field(default_factory=dict)  # partition digest, model size, executor...
+    start_round: int = 0
+    """The step the run starts at (> 0 when it resumes from a checkpoint)."""
+    resume: dict[str, Any] | None = None
+    """The callbacks' positions saved with the checkpoint the run resumes from (None: a new run)."""
 
     @property
     def run_name(self) -> str:
@@ -42,6 +49,23 @@ class Callback:
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         pass
+
+    def on_run_stop(self, reason: str) -> None:
+        pass
+
+    def position(self) -> dict[str, Any]:
+        return {}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None (strict JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float | int]:

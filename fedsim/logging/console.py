@@ -24,7 +24,9 @@ class ProgressBar(Callback):
             f"{meta.info.get('num_params', '?')} params | output {meta.output_dir}",
             file=sys.stderr,
         )
-        self.bar = tqdm(total=meta.rounds, desc="round", unit="rnd", file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=meta.rounds, initial=meta.start_round, desc="round", unit="rnd", file=sys.stderr, dynamic_ncols=True
+        )
 
     def on_round_end(self, round_: int, metrics: dict[str, Any]) -> None:
         if self.bar is None:
@@ -35,6 +37,11 @@ class ProgressBar(Callback):
             self.postfix["loss"] = f"{metrics['train/loss']:.4f}"
         self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(1)
+
+    def on_run_stop(self, reason: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:

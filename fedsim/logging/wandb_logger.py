@@ -3,7 +3,7 @@ under the run directory and can be uploaded later with ``wandb sync``.
 
 Run name ``{strategy}-{dataset}-s{seed}``, group ``{dataset}-{partition}-{model}``, and the
 strategy/dataset/partition as config and tags, so a dashboard grouped or filtered by them shows
-strategies side by side.
+strategies side by side. A resumed run continues the same W&B run id.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ class WandbLogger(Callback):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        resumed = (meta.resume or {}).get("wandb_id")
         self.run = wandb.init(
+            id=resumed,
+            resume="allow" if resumed else None,
             project=self.project,
             entity=self.entity,
             mode=self.mode,  # type: ignore[arg-type]  # checked by wandb itself
@@ -60,6 +63,15 @@ class WandbLogger(Callback):
                     if finite:
                         record[key] = wandb.Histogram(finite)
             self.run.log(record)
+
+    def position(self) -> dict[str, Any]:
+        return {"wandb_id": self.run.id} if self.run is not None else {}
+
+    def on_run_stop(self, reason: str) -> None:
+        if self.run is not None:
+            self.run.summary["stopped"] = reason
+            self.run.finish(exit_code=1)
+            self.run = None
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.run is not None:

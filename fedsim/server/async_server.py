@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,25 @@ class AsyncState:
     next_eval: float | None = None
     idle_steps: int = 0
     started: bool = False
+
+    def fork(self) -> AsyncState:
+        """A copy to advance, leaving this one (a step boundary's) intact: new containers and job
+        records; tensors are shared (never written in place)."""
+        jobs = {seq: replace(job) for seq, job in self.jobs.items()}
+        return AsyncState(
+            self.clock,
+            self.seq,
+            self.jobs_of_node.copy(),
+            list(self.heap),
+            jobs,
+            set(self.busy),
+            set(self.waiting),
+            [replace(job) for job in self.buffer],
+            dict(self.models),
+            self.next_eval,
+            self.idle_steps,
+            self.started,
+        )
 
 
 @dataclass
@@ -171,6 +190,7 @@ class _Loop:
             heapq.heappush(a.heap, (job.finish, node, job.seq))
             a.busy.add(node)
             self.state.totals = add_totals(self.state.totals, bytes_down=4 * int(self.state.params.numel()))
+            # (self.state is this step's fresh copy, see run(); boundary states are never written)
             a.seq += 1
 
     def pop(self) -> Job:
@@ -345,11 +365,14 @@ class _Loop:
 
     def run(self) -> tuple[RunState, dict[str, Any]]:
         last_eval: dict[str, object] = {}
+        self.pipe.begin(self.state)
         if not self.a.started:
+            self.state = self.state.replace(server_state=self.a.fork())
             self.a.started = True
             self.dispatch(self.concurrency)
         while not self.done():
             t0 = time.perf_counter()
+            self.state = self.state.replace(server_state=self.a.fork())
             metrics = self.advance()
             a = self.a
             if metrics is None:
@@ -365,7 +388,7 @@ class _Loop:
                 last_eval = self.pipe.evaluate(self.state.params)
                 metrics.update(last_eval)
                 metrics["time/eval_s"] = time.perf_counter() - t1
-            self.pipe.end_round(self.state.round - 1, metrics, t0=t0)
+            self.pipe.end_round(self.state, self.state.round - 1, metrics, t0=t0)
         summary = self.pipe.summary(
             self.state,
             last_eval,

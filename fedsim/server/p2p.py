@@ -77,6 +77,7 @@ class P2PServer(Server):
         honest = [r for r, i in enumerate(members) if i not in byzantine.ids] or [0]
         faulty = sorted(byzantine.ids) if byzantine.is_update_attack else []
         last_eval: dict[str, object] = {}
+        pipeline.begin(state)
         while state.round < self.rounds:
             t = state.round
             t0 = time.perf_counter()
@@ -107,5 +108,5 @@ class P2PServer(Server):
                     metrics.update(extra)
                     last_eval = {**last_eval, **extra}
                 metrics["time/eval_s"] = time.perf_counter() - t2
-            pipeline.end_round(t, metrics, t0=t0)
+            pipeline.end_round(state, t, metrics, t0=t0)
         return state, pipeline.summary(state, last_eval, **{"comm/bytes_p2p_total": state.totals.get("bytes_p2p", 0)})

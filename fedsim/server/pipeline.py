@@ -18,6 +18,7 @@ rounds that evaluate.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from fedsim.contract import RunFacts, Strategy
-from fedsim.errors import ConfigError, FedsimError
+from fedsim.errors import ConfigError, Diverged
 from fedsim.execution.worker import NodeTask, RoundResult
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.logging import Callback
@@ -112,6 +113,8 @@ class Pipeline:
         participation: Any,
         latency: Any,
         nodes_per_round: int,
+        divergence: float | None = None,
+        on_boundary: Callable[[RunState], None] | None = None,
     ) -> None:
         self.strategy = strategy
         self.executor = executor
@@ -124,6 +127,11 @@ class Pipeline:
         self.participation = participation
         self.latency = latency
         self.nodes_per_round = int(nodes_per_round)
+        self.divergence = divergence
+        self.on_boundary = on_boundary
+        self.boundary: RunState | None = None
+        """The state after the last complete step (or the starting state): what a checkpoint on
+        failure saves. Servers never mutate a state object once a step has produced it."""
         self.start = time.perf_counter()
 
     # -- 1. collect ---------------------------------------------------------------------------
@@ -201,7 +209,8 @@ class Pipeline:
             if self.uplink_mode == "mirror":
                 rows, uplink_state = self.uplink.reduce(batch, uplink_state)
             params, strategy_state, agg = strategy.step(state.params, rows, state.strategy_state, info)
-        self.check_finite(params, info, attacked=bool(self.byzantine.num) and self.byzantine.is_update_attack)
+        attacked = bool(self.byzantine.num) and self.byzantine.is_update_attack
+        self.check_finite(params, info, attacked=attacked)
         samples = sum(strategy.client.work(n) for n in result.num_examples)
         metrics: dict[str, Any] = {
             "round": state.round,
@@ -216,6 +225,7 @@ class Pipeline:
             up = int(batch.bytes_up.sum())
             totals = add_totals(state.totals, bytes_up=up, samples=samples)
             metrics.update({"comm/bytes_up": up, "comm/bytes_up_total": totals["bytes_up"]})
+        self.check_divergence(state, params, node_metrics.get("train/loss"), totals, info, attacked=attacked)
         new = state.replace(
             round=state.round + 1,
             version=state.version + 1,
@@ -261,27 +271,71 @@ class Pipeline:
             batch.report,
         )
 
+    @staticmethod
+    def cause(attacked: bool) -> str:
+        if attacked:
+            return "the Byzantine rows got through the aggregation (use a robust aggregator)"
+        return "the learning rates are too large for this model (lower strategy.client.lr or the server lr)"
+
     def check_finite(self, params: torch.Tensor, info: RoundInfo, *, attacked: bool) -> None:
         if bool(torch.isfinite(params).all()):
             return
-        cause = (
-            "the Byzantine rows got through the aggregation (use a robust aggregator)"
-            if attacked
-            else "the learning rates are too large for this model (lower strategy.client.lr or the server lr)"
-        )
-        raise FedsimError(f"the model became NaN or Inf in step {info.round}; likely cause: {cause}")
+        raise Diverged(f"the model became NaN or Inf in step {info.round}; likely cause: {self.cause(attacked)}")
+
+    def check_divergence(
+        self,
+        before: RunState,
+        params: torch.Tensor,
+        loss: float | None,
+        totals: dict[str, float],
+        info: RoundInfo,
+        *,
+        attacked: bool,
+    ) -> None:
+        """Stop when the training loss is non-finite, or (``divergence`` = factor) when it or the
+        parameters' norm exceeds factor times its first value (references kept in the totals)."""
+        if loss is not None and not math.isfinite(loss):
+            raise Diverged(
+                f"the training loss became {loss} in step {info.round}; likely cause: {self.cause(attacked)}"
+            )
+        if not self.divergence:
+            return
+        factor = float(self.divergence)
+        if "norm_ref" not in totals:
+            totals["norm_ref"] = float(torch.linalg.vector_norm(before.params))
+        if loss is not None and "loss_ref" not in totals:
+            totals["loss_ref"] = float(loss)
+        norm = float(torch.linalg.vector_norm(params))
+        if loss is not None and loss > factor * max(totals["loss_ref"], 1.0):
+            raise Diverged(
+                f"the training loss exploded in step {info.round} ({loss:.4g}, over {factor:g}x its first value "
+                f"{totals['loss_ref']:.4g}); likely cause: {self.cause(attacked)}"
+            )
+        if norm > factor * max(totals["norm_ref"], 1.0):
+            raise Diverged(
+                f"the parameters' norm exploded in step {info.round} ({norm:.4g}, over {factor:g}x its start "
+                f"{totals['norm_ref']:.4g}); likely cause: {self.cause(attacked)}"
+            )
 
     # -- evaluation and callbacks --------------------------------------------------------------
 
     def evaluate(self, params: torch.Tensor) -> dict[str, object]:
         return self.evaluator(params) if self.evaluator is not None else {}
 
-    def end_round(self, t: int, metrics: dict[str, Any], *, t0: float) -> None:
-        """Stamp the step's timings and hand its metrics to every callback."""
+    def begin(self, state: RunState) -> None:
+        """The run (or its resumption) starts from ``state``."""
+        self.boundary = state
+
+    def end_round(self, state: RunState, t: int, metrics: dict[str, Any], *, t0: float) -> None:
+        """Stamp the step's timings, hand its metrics to every callback, and mark ``state`` as the
+        last complete one (checkpoints and signal stops happen here, between steps)."""
         metrics["time/round_s"] = time.perf_counter() - t0
         metrics["time/elapsed_s"] = time.perf_counter() - self.start
         for cb in self.callbacks:
             cb.on_round_end(t, metrics)
+        self.boundary = state
+        if self.on_boundary is not None:
+            self.on_boundary(state)
 
     def summary(self, state: RunState, last_eval: dict[str, object], **extra: object) -> dict[str, object]:
         """The end-of-run summary: rounds, the last evaluation's scalars, totals, wall time."""

@@ -49,6 +49,7 @@ class SyncServer(Server):
         last_eval: dict[str, object] = {}
         total = self.total_rounds(strategy)
         d = int(state.params.numel())
+        pipeline.begin(state)
         while state.round < total:
             t = state.round
             t0 = time.perf_counter()
@@ -79,7 +80,7 @@ class SyncServer(Server):
                 last_eval = pipeline.evaluate(state.params)
                 metrics.update(last_eval)
                 metrics["time/eval_s"] = time.perf_counter() - t1
-            pipeline.end_round(t, metrics, t0=t0)
+            pipeline.end_round(state, t, metrics, t0=t0)
         summary = pipeline.summary(
             state,
             last_eval,

@@ -1,0 +1,190 @@
+"""One run from a composed config, as the command line executes it: build the simulation, resume
+it from its last checkpoint when asked, run it with its callbacks, write checkpoints between
+steps, stop cleanly on SIGINT/SIGTERM, on divergence and on lost workers (a checkpoint of the last
+complete step first), and close everything (Ray, log files, W&B) on every path."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim import checkpoint
+from fedsim.errors import ConfigError, FedsimError, Interrupted
+from fedsim.logging import Callback, RunMeta
+from fedsim.state import RunState
+
+
+class SignalGuard:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next step boundary; a second
+    SIGINT stops at once. Installed only in the main thread; restores the previous handlers."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def install(self) -> None:
+        """(Re)install the handlers: Ray's start-up installs its own, so this runs again after it."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.signal(sig, self._handle)
+                self.previous.setdefault(sig, previous)
+
+    def __enter__(self) -> SignalGuard:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Saver:
+    """Writes checkpoints of step-boundary states with the callbacks' log positions."""
+
+    def __init__(self, run_dir: Path, callbacks: list[Callback], config: dict[str, Any], *, every: int, keep: int):
+        self.run_dir, self.callbacks, self.config = run_dir, callbacks, config
+        self.every, self.keep = int(every), int(keep)
+        self.last_round: int | None = None
+        self.last_path: Path | None = None
+
+    def save(self, state: RunState) -> Path:
+        if self.last_round == state.round and self.last_path is not None:
+            return self.last_path
+        logs: dict[str, Any] = {}
+        for cb in self.callbacks:
+            logs.update(cb.position())
+        self.last_path = checkpoint.save(self.run_dir, state, logs=logs, config=self.config, keep=self.keep)
+        self.last_round = state.round
+        return self.last_path
+
+    def periodic(self, state: RunState) -> None:
+        if self.every > 0 and state.round % self.every == 0:
+            self.save(state)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items() if k != "hydra"}
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run: the same arguments, plus resume and the run dir."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+    return " ".join(["python -m fedsim", *args, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict[str, object]:
+    """Build and run one simulation; returns its summary (with ``params_sha256``)."""
+    from fedsim.simulation import build, make, set_driver_threads
+
+    set_driver_threads(1)
+    config = plain_config(cfg)
+    ckpt = None
+    if cfg.get("resume"):
+        ckpt = checkpoint.latest(output_dir)
+        if ckpt is None:
+            raise ConfigError(
+                f"resume=true, but {checkpoint.folder(output_dir)} has no checkpoint; point "
+                "hydra.run.dir at the run to resume, or run without resume=true"
+            )
+        diffs = checkpoint.differences(ckpt.config, config)
+        if diffs:
+            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+            raise ConfigError(
+                f"resume=true, but the config differs from the checkpoint's: {diffs[0]}{more}; only "
+                f"{', '.join(checkpoint.RESUMABLE[:4])} and cluster may change"
+            )
+    guard = SignalGuard()
+    guard.install()
+    try:
+        sim = build(cfg, names=names)
+    except SystemExit as exc:  # Ray's own start-up handler turns SIGTERM into exit(15)
+        guard.__exit__()
+        if exc.code in (signal.SIGTERM, signal.SIGINT):
+            raise Interrupted(int(exc.code), 0) from None
+        raise
+    except BaseException:
+        guard.__exit__()
+        raise
+    guard.install()
+    if guard.signum is not None:
+        sim.close()
+        guard.__exit__()
+        raise Interrupted(guard.signum, 0)
+    callbacks: list[Callback] = []
+    try:
+        if ckpt is not None:
+            if tuple(ckpt.state.params.shape) != tuple(sim.state.params.shape):
+                raise ConfigError(
+                    f"the checkpoint {ckpt.path} holds a model of shape {tuple(ckpt.state.params.shape)}, "
+                    f"this config builds {tuple(sim.state.params.shape)}"
+                )
+            sim.state = ckpt.state
+        callbacks = list(make(cfg.logger.callbacks)) if cfg.logger.get("callbacks") else []
+        meta = RunMeta(
+            output_dir,
+            config,
+            sim.total_rounds,
+            names,
+            sim.info(),
+            start_round=sim.state.round,
+            resume=ckpt.logs if ckpt is not None else None,
+        )
+        for cb in callbacks:
+            cb.on_run_start(meta)
+        ck = cfg.get("checkpoint") or {}
+        saver = Saver(output_dir, callbacks, config, every=int(ck.get("every", 0) or 0), keep=int(ck.get("keep", 2)))
+        if ckpt is not None:
+            saver.last_round, saver.last_path = ckpt.round, ckpt.path
+        with guard:
+
+            def on_boundary(state: RunState) -> None:
+                saver.periodic(state)
+                if guard.signum is not None:
+                    raise Interrupted(guard.signum, state.round)
+
+            divergence = cfg.get("divergence")
+            pipeline = sim.pipeline(
+                callbacks, divergence=None if divergence is None else float(divergence), on_boundary=on_boundary
+            )
+            try:
+                state, summary = sim.server.run(sim.state, pipeline)
+            except (FedsimError, KeyboardInterrupt) as exc:
+                where = ""
+                if pipeline.boundary is not None and pipeline.boundary.round > 0:
+                    path = saver.save(pipeline.boundary)
+                    where = f"; checkpoint of step {pipeline.boundary.round}: {path}; to resume: {resume_command(output_dir)}"
+                reason = str(exc) or type(exc).__name__
+                for cb in callbacks:
+                    cb.on_run_stop(reason)
+                callbacks = []
+                if isinstance(exc, KeyboardInterrupt):
+                    stop = Interrupted(signal.SIGINT, pipeline.boundary.round if pipeline.boundary else 0)
+                    stop.args = (f"{stop}{where}",)
+                    raise stop from None
+                exc.args = (f"{reason}{where}",)
+                raise
+        sim.state = state
+        summary = {**summary, "params_sha256": checkpoint.params_sha256(state.params)}
+        if saver.every > 0:
+            saver.save(state)
+        for cb in callbacks:
+            cb.on_run_end(summary)
+        callbacks = []
+        return summary
+    finally:
+        for cb in callbacks:  # an error before the run started: close the logs
+            cb.on_run_stop("error")
+        sim.close()
