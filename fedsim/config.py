@@ -51,7 +51,6 @@ def check_types(cfg: DictConfig, reference: DictConfig) -> None:
         if number and isinstance(value, str) and not value.startswith("${"):
             raise ConfigError(f"{name}={value!r} must be a number, e.g. {name}={default}")
 
-
     plain = OmegaConf.to_container(cfg, resolve=False)
     walk(
         {k: v for k, v in plain.items() if k != "hydra"} if isinstance(plain, dict) else {},
