@@ -19,7 +19,17 @@ from omegaconf import DictConfig
 
 from fedsim.errors import ConfigError, FedsimError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """The configs: ``conf/`` of a source checkout (editable install), else the copy a wheel
+    installs as ``fedsim/conf``."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else here / "conf"
+
+
+CONF_DIR = _conf_dir()
+
 _NEW_FOLDERS: list[Path] = []
 """Folders of the run directory that did not exist before this run (removed again after a usage error)."""
 
@@ -68,6 +78,7 @@ def _numeric_option(argv: list[str]) -> str | None:
         group = CONF_DIR / key.lstrip("+~")
         if not sep or not group.is_dir():
             continue
+
         try:
             parsed = OverridesParser.create().parse_override(arg).value()
         except Exception:  # noqa: BLE001 - not this override's problem
@@ -95,13 +106,26 @@ def _unparsable(argv: list[str]) -> str | None:
     return None
 
 
+def _search_dirs(argv: list[str]) -> list[Path]:
+    """The config folders a run composes from: the shipped ones and the user's own
+    (``hydra.searchpath=[file://...]``)."""
+    dirs = [CONF_DIR]
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "hydra.searchpath":
+            dirs += [Path(m) for m in re.findall(r"file://([^,\]'\"]+)", value)]
+    return dirs
+
+
 def group_overrides(argv: list[str]) -> list[str]:
     """The overrides of ``argv`` that choose a config group option (``strategy=fedau``,
-    ``strategy/aggregator=median``, ``+experiment=...``): what fixes a config's defaults."""
+    ``strategy/aggregator=median``, ``+experiment=...``) or add config folders: what fixes a
+    config's defaults."""
+    dirs = _search_dirs(argv)
     out = []
     for arg in argv:
         key = arg.partition("=")[0].lstrip("+~")
-        if "=" in arg and (CONF_DIR / key).is_dir():
+        if "=" in arg and (key == "hydra.searchpath" or any((d / key).is_dir() for d in dirs)):
             out.append(arg)
     return out
 
@@ -184,19 +208,28 @@ def _leave_nothing(output_dir: Path) -> None:
                 folder.rmdir()
 
 
+class JobFailed(Exception):
+    """A sweep job's failure, as one line (the sweep goes on and counts it)."""
+
+
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
-    except ConfigError as exc:
-        if HydraConfig.initialized():
+    except (FedsimError, KeyboardInterrupt) as exc:
+        if isinstance(exc, ConfigError) and HydraConfig.initialized():
             _leave_nothing(Path(HydraConfig.get().runtime.output_dir))
-
-        _fail(str(exc), exc.exit_code)
-    except FedsimError as exc:
-        _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        message = str(exc) if isinstance(exc, FedsimError) else "interrupted"
+        if _in_sweep():  # the job fails alone; the sweeper reports it and goes on
+            print(f"fedsim: error: {message}", file=sys.stderr)
+            raise JobFailed(message) from None
+        _fail(message, exc.exit_code if isinstance(exc, FedsimError) else 130)
     acc = summary.get("eval/acc")
     return float(acc) if isinstance(acc, (int, float)) else None
 

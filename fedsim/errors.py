@@ -19,6 +19,10 @@ class ConfigError(FedsimError):
     exit_code = 2
 
 
+class DataUnavailable(ConfigError):
+    """A dataset's files are not on this machine (and were not downloaded)."""
+
+
 class NodeError(FedsimError):
     """A simulated node raised while running its client update."""
 

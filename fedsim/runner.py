@@ -5,6 +5,8 @@ complete step first), and close everything (Ray, log files, W&B) on every path."
 
 from __future__ import annotations
 
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -79,10 +81,33 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in out.items() if k != "hydra"}
 
 
+def sweep_of(output_dir: Path, names: dict[str, str]) -> dict[str, Any] | None:
+    """A sweep job's sweep (name: the experiment and the sweep folder) and swept values, from the
+    sweep's ``sweep.json``; None for a single run."""
+    import json
+
+    index = output_dir.parent / "sweep.json"
+    if not index.exists():
+        return None
+    for job in json.loads(index.read_text()).get("jobs", []):
+        if job["name"] == output_dir.name:
+            experiment = names.get("experiment")
+            name = f"{experiment}:{output_dir.parent.name}" if experiment else output_dir.parent.name
+            return {"name": name, "values": {str(k): str(v) for k, v in job["values"].items()}}
+    return None
+
+
 def resume_command(run_dir: Path) -> str:
-    """The command that resumes this run: the same arguments, plus resume and the run dir."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
-    return " ".join(["python -m fedsim", *args, "resume=true", f"hydra.run.dir={run_dir}"])
+    """The command that resumes this run: its overrides, plus resume and the run dir (for a sweep
+    job: rerunning the sweep resumes it too)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+    args = [shlex.quote(a) for a in given if not a.startswith(("resume=", "hydra.run.dir="))]
+    where = f"hydra.run.dir={run_dir}" if re.fullmatch(r"[\w./-]+", str(run_dir)) else f"\"hydra.run.dir='{run_dir}'\""
+    command = " ".join(["python -m fedsim", *args, "resume=true", where])
+
+    return command + (" (or rerun the sweep)" if sweep_of(run_dir, {}) else "")
 
 
 def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict[str, object]:
@@ -141,6 +166,7 @@ def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict
             sim.info(),
             start_round=sim.state.round,
             resume=ckpt.logs if ckpt is not None else None,
+            sweep=sweep_of(output_dir, names),
         )
         for cb in callbacks:
             cb.on_run_start(meta)

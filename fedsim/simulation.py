@@ -132,8 +132,14 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     partition = make(cfg.partition)(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
     attack = make(cfg.attack) if cfg.attack.get("_target_") else None
     byzantine = Byzantine.draw(
-        num_nodes=num_nodes, num=cfg.byzantine.num, declared=cfg.byzantine.declared, attack=attack, seed=seed
+        num_nodes=num_nodes,
+        num=cfg.byzantine.num,
+        declared=cfg.byzantine.declared,
+        attack=attack,
+        seed=seed,
+        name=names.get("attack", ""),
     )
+
     data = byzantine.poison(FederatedData(dataset, partition), seed)
     model_factory = make(cfg.model)
     flat = FlatModel(build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed))

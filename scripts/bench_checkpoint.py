@@ -28,13 +28,29 @@ sys.path.insert(0, str(ROOT))
 
 CASES = {
     "resnet18": [
-        "dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.n_train=400", "dataset.n_test=100", "model=resnet18",
-        "num_nodes=4", "nodes_per_round=4", "rounds=1", "strategy.client.steps=1", "strategy.client.batch_size=8",
+        "dataset=synthetic",
+        "dataset.shape=[3,32,32]",
+        "dataset.n_train=400",
+        "dataset.n_test=100",
+        "model=resnet18",
+        "num_nodes=4",
+        "nodes_per_round=4",
+        "rounds=1",
+        "strategy.client.steps=1",
+        "strategy.client.batch_size=8",
         "strategy.server_opt.momentum=0.9",
     ],
     "econtrol": [
-        "dataset=synthetic", "dataset.shape=[1,28,28]", "dataset.n_train=60000", "dataset.n_test=1000", "model=mlp",
-        "model.hidden=[128]", "partition=iid", "compressor=top_k", "compressor.ratio=0.01", "feedback=econtrol",
+        "dataset=synthetic",
+        "dataset.shape=[1,28,28]",
+        "dataset.n_train=60000",
+        "dataset.n_test=1000",
+        "model=mlp",
+        "model.hidden=[128]",
+        "partition=iid",
+        "compressor=top_k",
+        "compressor.ratio=0.01",
+        "feedback=econtrol",
         "strategy.client.steps=1",
     ],
 }
@@ -74,9 +90,20 @@ def main() -> None:
             back = checkpoint.latest(folder)
             read_s = time.perf_counter() - t0
             assert back is not None and torch.equal(back.state.params, state.params)
-            print(json.dumps({"case": case, "params": sim.num_params, "nodes_with_state": len(state.node_states),
-                              "bytes": path.stat().st_size, "gib": path.stat().st_size / 1024**3,
-                              "write_s": round(write_s, 2), "read_s": round(read_s, 2)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": case,
+                        "params": sim.num_params,
+                        "nodes_with_state": len(state.node_states),
+                        "bytes": path.stat().st_size,
+                        "gib": path.stat().st_size / 1024**3,
+                        "write_s": round(write_s, 2),
+                        "read_s": round(read_s, 2),
+                    }
+                ),
+                flush=True,
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

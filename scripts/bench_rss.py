@@ -53,8 +53,10 @@ def main() -> None:
 
     set_driver_threads(1)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"rounds={args.rounds}", "eval_every=50", "cluster=ray",
-                                                        "cluster.num_cpus=2", "logger=jsonl"])
+        cfg = compose(
+            config_name="config",
+            overrides=[f"rounds={args.rounds}", "eval_every=50", "cluster=ray", "cluster.num_cpus=2", "logger=jsonl"],
+        )
     sim = build(cfg)
     samples: list[dict] = []
     t0 = time.perf_counter()
@@ -62,8 +64,12 @@ def main() -> None:
     class Sample:
         def on_round_end(self, t: int, metrics: dict) -> None:
             if (t + 1) % args.every == 0:
-                row = {"round": t + 1, "driver_mb": round(rss_mb(), 1), "workers_mb": round(ray_workers_mb(), 1),
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                row = {
+                    "round": t + 1,
+                    "driver_mb": round(rss_mb(), 1),
+                    "workers_mb": round(ray_workers_mb(), 1),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
                 samples.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -72,9 +78,16 @@ def main() -> None:
     finally:
         sim.close()
     first, last = samples[0], samples[-1]
-    print(json.dumps({"driver_growth_mb": round(last["driver_mb"] - first["driver_mb"], 1),
-                      "workers_growth_mb": round(last["workers_mb"] - first["workers_mb"], 1),
-                      "from_round": first["round"], "to_round": last["round"]}))
+    print(
+        json.dumps(
+            {
+                "driver_growth_mb": round(last["driver_mb"] - first["driver_mb"], 1),
+                "workers_growth_mb": round(last["workers_mb"] - first["workers_mb"], 1),
+                "from_round": first["round"],
+                "to_round": last["round"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

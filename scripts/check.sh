@@ -5,6 +5,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$root/scripts/setup.sh")"
 cd "$root"
-"$py" -m ruff check fedsim strategies tests scripts
-"$py" -m ruff format --check fedsim strategies tests scripts
+"$py" -m ruff check fedsim strategies tests scripts hydra_plugins
+"$py" -m ruff format --check fedsim strategies tests scripts hydra_plugins
 "$py" -m mypy

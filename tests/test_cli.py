@@ -129,15 +129,17 @@ def test_issue_example_robust_run_logs_attack_metrics(tmp_path):
 
 
 def test_bad_value_inside_a_multirun_job_exits_2(tmp_path):
-    run = fedsim("-m", "nodes_per_round=30", "cluster=local", f"hydra.sweep.dir={tmp_path}")
+    run = fedsim("-m", "nodes_per_round=30", "cluster=local", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert run.returncode == 2 and "nodes_per_round=30 exceeds num_nodes=20" in run.stderr
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing left
+
 
 
 def test_multirun_sweeps_strategies_and_seeds(tmp_path):
     run = fedsim("-m", "seed=0,1", "rounds=2", "cluster=local", "logger=jsonl", f"hydra.sweep.dir={tmp_path}")
     assert run.returncode == 0, run.stderr
-    finals = [read_jsonl(tmp_path / d / "metrics.jsonl")[-1] for d in ("0", "1")]
+    finals = [read_jsonl(tmp_path / d / "metrics.jsonl")[-1] for d in ("seed=0", "seed=1")]
     assert finals[0]["eval/loss"] != finals[1]["eval/loss"]
 
 

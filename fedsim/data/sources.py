@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.base import Dataset
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, DataUnavailable
 from fedsim.seeding import np_rng
 
 DEFAULT_ROOT = "~/.cache/fedsim/data"
@@ -167,7 +167,7 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
     files, failure = _locate_or_download(locate, download, folder, root)
     if files is None:
         looked = ", ".join(str(d) for d in dirs)
-        raise ConfigError(
+        raise DataUnavailable(
             f"{name}: IDX files ({_IDX_FILES['train_x']}[.gz] etc.) not found in {looked} ({failure})"
             + "; put them in one of these folders or set dataset.root=DIR"
             + ("" if download else " or dataset.download=true")
@@ -253,7 +253,7 @@ def load_cifar10(*, root: str | None = None, download: bool = True, normalize: b
 
     found, failure = _locate_or_download(locate, download, "CIFAR10", base)
     if found is None:
-        raise ConfigError(
+        raise DataUnavailable(
             f"cifar10: {_CIFAR_DIR}/data_batch_1..5 and test_batch not found under {base} ({failure})"
             + "; extract cifar-10-python.tar.gz there or set dataset.root=DIR"
         )

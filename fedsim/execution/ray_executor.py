@@ -82,6 +82,7 @@ def start_ray(
     runtime_env: dict[str, Any] | None = None,
     auth_token: str | None = None,
     connect_timeout: float = 30.0,
+    quiet: bool = False,
 ) -> bool:
     """Join the cluster at ``address`` (``auto`` or host:port) or start this run's own local Ray
     with ``num_cpus`` (never an existing cluster on the machine). Returns whether this call
@@ -101,7 +102,8 @@ def start_ray(
     # SIGTERM is fedsim's to handle (stop at a step boundary), not a crash to dump a C++ stack for
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": not quiet}
+
     if runtime_env:
         kwargs["runtime_env"] = dict(runtime_env)
     if not address:

@@ -50,7 +50,8 @@ class Byzantine:
         return node_id not in self.ids or self.is_data_attack
 
     @staticmethod
-    def draw(*, num_nodes: int, num: int, declared: int | None, attack: Any, seed: int) -> Byzantine:
+    def draw(*, num_nodes: int, num: int, declared: int | None, attack: Any, seed: int, name: str = "") -> Byzantine:
+
         if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= num_nodes:
             raise ConfigError(f"byzantine.num={num!r} must be an integer in 0..num_nodes ({num_nodes})")
         declared = num if declared is None else declared
@@ -66,7 +67,7 @@ class Byzantine:
                 raise ConfigError(f"attack.nodes has ids {bad[:5]} outside 0..{num_nodes - 1}")
             return Byzantine(frozenset(named), int(declared), attack)
         if attack is not None and num == 0:
-            raise ConfigError(f"attack={type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
+            raise ConfigError(f"attack={name or type(attack).__name__} needs faulty nodes; set byzantine.num >= 1")
         if num == num_nodes and isinstance(attack, UpdateAttack):
             raise ConfigError("every node is Byzantine, so an update attack has no honest rows; lower byzantine.num")
         drawn = np_rng(seed, "byzantine").choice(num_nodes, size=num, replace=False).tolist() if num else []

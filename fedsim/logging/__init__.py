@@ -28,6 +28,8 @@ class RunMeta:
     """The step the run starts at (> 0 when it resumes from a checkpoint)."""
     resume: dict[str, Any] | None = None
     """The callbacks' positions saved with the checkpoint the run resumes from (None: a new run)."""
+    sweep: dict[str, Any] | None = None
+    """For a job of a sweep: ``{"name": ..., "values": {swept key: value}}`` (None otherwise)."""
 
     @property
     def run_name(self) -> str:

@@ -4,6 +4,13 @@ under the run directory and can be uploaded later with ``wandb sync``.
 Run name ``{strategy}-{dataset}-s{seed}``, group ``{dataset}-{partition}-{model}``, and the
 strategy/dataset/partition as config and tags, so a dashboard grouped or filtered by them shows
 strategies side by side. A resumed run continues the same W&B run id.
+
+In a sweep, every job's run is in one group named after the experiment and the sweep
+(``fedau_fmnist:fedau_fmnist``), every swept key is a top-level config field and a tag
+(``participation: markov``, ``variant: mifa``), the chosen options are top-level fields too, the
+resolved config is under ``cfg``, and the final metrics are in the run summary: grouping the runs
+table by ``variant`` (or ``strategy``) shows mean ± std curves per method without any setup.
+
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class WandbLogger(Callback):
 
         os.environ.setdefault("WANDB_SILENT", "true")
         resumed = (meta.resume or {}).get("wandb_id")
+        swept = dict(meta.sweep["values"]) if meta.sweep else {}
+
         self.run = wandb.init(
             id=resumed,
             resume="allow" if resumed else None,
@@ -42,11 +51,11 @@ class WandbLogger(Callback):
             entity=self.entity,
             mode=self.mode,  # type: ignore[arg-type]  # checked by wandb itself
             dir=str(meta.output_dir),
-            name=meta.run_name,
-            group=meta.group,
+            name=meta.run_name if meta.sweep is None else f"{meta.run_name}-{meta.output_dir.name}",
+            group=meta.group if meta.sweep is None else meta.sweep["name"],
             job_type=meta.names.get("strategy"),
-            tags=[*self.tags, *(f"{k}:{v}" for k, v in sorted(meta.names.items()))],
-            config={**meta.config, "names": meta.names, "info": meta.info},
+            tags=[*self.tags, *(f"{k}:{v}" for k, v in sorted({**meta.names, **swept}.items()))],
+            config={**meta.names, **swept, "cfg": meta.config, "info": meta.info},
             reinit="finish_previous",
         )
         self.run.define_metric("round")

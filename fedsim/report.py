@@ -1,0 +1,316 @@
+"""``python -m fedsim.report <sweep dir or run dirs...>``: one table and a few plots for a comparison.
+
+It reads every run's ``metrics.jsonl`` (and the sweep's ``sweep.json``, or each run's
+``.hydra/overrides.yaml``), groups the runs by every swept key except the seed, and writes, into
+``--out`` (default: the first folder given):
+
+- ``report.md`` and ``report.csv``: per group and per metric, mean ± std over the seeds and their
+  number of each statistic asked for: ``final`` (the last logged value), ``best`` (the largest),
+  ``last:K`` (the mean of the last K), and for each ``--target`` the first round / simulated time /
+  uplink bytes (``--x``) at which the metric reaches it (the mean over the seeds that reach it, with
+  how many did). The standard deviation is the population one (ddof 0).
+- ``<metric>.png``: the metric against rounds, simulated time or uplink bytes, one line per group
+  (the mean over seeds) with a band of ± one standard deviation.
+
+``--columns KEY`` lays the first metric and statistic out as a matrix, the values of KEY as columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+X_KEYS = {"round": "round", "time": "time/simulated", "bytes": "comm/bytes_up_total"}
+
+
+@dataclass
+class Run:
+    folder: Path
+    values: dict[str, str]
+    """The swept keys' values of this run (the seed included)."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    end: dict[str, Any] = field(default_factory=dict)
+
+    def series(self, metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) over the steps that logged ``metric`` (x: 1-based round, simulated time or bytes)."""
+        xs, ys = [], []
+        for rec in self.records:
+            y = rec.get(metric)
+            if not isinstance(y, (int, float)) or isinstance(y, bool) or not math.isfinite(y):
+                continue
+            xs.append(rec["round"] + 1 if x == "round" else rec.get(X_KEYS[x], math.nan))
+            ys.append(float(y))
+        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _overrides(folder: Path) -> dict[str, str]:
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    out = {}
+    for item in OmegaConf.to_container(OmegaConf.load(path)) or []:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra.") and key != "resume":
+            out[key] = value
+    return out
+
+
+def _sweep_values(folder: Path) -> tuple[dict[str, str], list[str]] | None:
+    """A sweep job's swept values and the sweep's swept keys, from the sweep's ``sweep.json``."""
+    index = folder.parent / "sweep.json"
+    if not index.exists():
+        return None
+    sweep = json.loads(index.read_text())
+    for job in sweep.get("jobs", []):
+        if job["name"] == folder.name:
+            return {k: str(v) for k, v in job["values"].items()}, list(sweep.get("swept", []))
+    return None
+
+
+def load(paths: Sequence[Path]) -> tuple[list[Run], list[str]]:
+    """The finished runs under ``paths`` and the keys that distinguish them: a sweep's swept keys
+    (its ``sweep.json``), else the command-line overrides whose values differ between the runs."""
+    folders: list[Path] = []
+    for p in paths:
+        if (p / "metrics.jsonl").exists():
+            folders.append(p)
+        else:
+            folders += sorted(f.parent for f in p.rglob("metrics.jsonl"))
+    runs: list[Run] = []
+    for folder in folders:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if not records or records[-1].get("event") != "run_end":
+            print(f"fedsim.report: skipping {folder} (not finished)", file=sys.stderr)
+            continue
+        rounds = [r for r in records if r.get("event") == "round"]
+        swept = _sweep_values(folder)
+        runs.append(Run(folder, swept[0] if swept else _overrides(folder), rounds, records[-1]))
+    keys: list[str] = []
+
+    for run in runs:
+        for key in run.values:
+            if key not in keys and len({r.values.get(key) for r in runs}) > 1:
+                keys.append(key)
+    return runs, keys
+
+
+def statistic(run: Run, metric: str, stat: str) -> float:
+    _, y = run.series(metric, "round")
+    if len(y) == 0:
+        value = run.end.get(metric)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if stat == "final":
+        return float(y[-1])
+    if stat == "best":
+        return float(y.max())
+    if stat.startswith("last:"):
+        return float(np.mean(y[-int(stat.split(":")[1]) :]))
+    raise ValueError(f"unknown statistic {stat!r}: final, best or last:K")
+
+
+def reach(run: Run, metric: str, target: float, x: str) -> float:
+    xs, ys = run.series(metric, x)
+    hit = np.flatnonzero(ys >= target)
+    return float(xs[hit[0]]) if len(hit) else math.nan
+
+
+@dataclass
+class Cell:
+    values: list[float]
+
+    @property
+    def ok(self) -> list[float]:
+        return [v for v in self.values if math.isfinite(v)]
+
+    def text(self, digits: int, *, reached: bool = False) -> str:
+        ok = self.ok
+        if reached:
+            return f"{np.mean(ok):.6g} ({len(ok)}/{len(self.values)})" if ok else f"- (0/{len(self.values)})"
+        if not ok:
+            return "-"
+        return f"{np.mean(ok):.{digits}f} ± {np.std(ok):.{digits}f} ({len(ok)})"
+
+
+def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple[tuple[str, str], ...], list[Run]]:
+    groups: dict[tuple[tuple[str, str], ...], list[Run]] = {}
+    for run in runs:
+        label = tuple((k, run.values.get(k, "")) for k in keys)
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def label_text(label: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in label) or "all runs"
+
+
+def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Path]:
+    group_keys = args.group_by or [k for k in keys if k != "seed"]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    md = [f"# Report: {len(runs)} runs, grouped by {', '.join(group_keys) or 'nothing'}", ""]
+    md.append(
+        f"Mean ± std over seeds (population std), with the number of seeds; sources: "
+        f"{', '.join(str(p) for p in args.paths)}."
+    )
+    md.append("")
+    rows_csv: list[dict[str, Any]] = []
+    if args.columns:
+        col_key = args.columns
+        row_keys = [k for k in group_keys if k != col_key]
+        cols = sorted({r.values.get(col_key, "") for r in runs}, key=_sort_key)
+        metric, stat = args.metric[0], args.stat[0]
+        md.append(f"## {metric}, {stat}")
+        md.append("")
+        md.append("| " + " | ".join([*row_keys, *[f"{col_key}={c}" for c in cols]]) + " |")
+        md.append("|" + "---|" * (len(row_keys) + len(cols)))
+        for label, members in sorted(group_runs(runs, row_keys).items(), key=lambda kv: _sort_key(kv[0])):
+            cells = []
+            for c in cols:
+                vals = [statistic(r, metric, stat) for r in members if r.values.get(col_key, "") == c]
+                cells.append(Cell(vals).text(args.digits) if vals else "")
+                rows_csv.append({**dict(label), col_key: c, "metric": metric, "stat": stat, **_csv(vals)})
+            md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
+        md.append("")
+    else:
+        header = list(group_keys)
+        columns: list[tuple[str, str, float | None]] = [(m, s, None) for m in args.metric for s in args.stat]
+        columns += [(args.metric[0], "reach", t) for t in args.target]
+        names = [f"{m} {s}" if t is None else f"{args.x} to {m} ≥ {t:g}" for m, s, t in columns]
+        md.append("| " + " | ".join([*header, *names]) + " |")
+        md.append("|" + "---|" * (len(header) + len(names)))
+        for label, members in sorted(group_runs(runs, group_keys).items(), key=lambda kv: _sort_key(kv[0])):
+            cells = []
+            for metric, stat, target in columns:
+                if target is None:
+                    vals = [statistic(r, metric, stat) for r in members]
+                    cells.append(Cell(vals).text(args.digits))
+                else:
+                    vals = [reach(r, metric, target, args.x) for r in members]
+                    cells.append(Cell(vals).text(args.digits, reached=True))
+                name = stat if target is None else f"{args.x}_to_{target:g}"
+                rows_csv.append({**dict(label), "metric": metric, "stat": name, **_csv(vals)})
+            md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
+        md.append("")
+    plots = plot(runs, group_keys, args)
+    for p in plots:
+        md.append(f"![{p.stem}]({p.name})")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    written.append(out / "report.md")
+    with open(out / "report.csv", "w", newline="") as fh:
+        fields = sorted({k for row in rows_csv for k in row}, key=lambda k: (k in ("mean", "std", "n", "values"), k))
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows_csv)
+    written.append(out / "report.csv")
+    return written + plots
+
+
+def _csv(values: list[float]) -> dict[str, Any]:
+    ok = [v for v in values if math.isfinite(v)]
+    return {
+        "mean": float(np.mean(ok)) if ok else "",
+        "std": float(np.std(ok)) if ok else "",
+        "n": len(ok),
+        "values": " ".join(f"{v:.6g}" for v in values),
+    }
+
+
+def _one(text: str) -> tuple[int, float, str]:
+    """Numbers sort as numbers, the rest as text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _sort_key(label: Any) -> Any:
+    if isinstance(label, tuple):  # a group label: ((key, value), ...)
+        return tuple(_one(str(v)) for _, v in label)
+    return _one(str(label))
+
+
+def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric in args.metric:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        drawn = 0
+        for label, members in sorted(group_runs(runs, group_keys).items(), key=lambda kv: _sort_key(kv[0])):
+            curves = [r.series(metric, args.x) for r in members]
+            curves = [(x, y) for x, y in curves if len(y) > 1]
+            if not curves:
+                continue
+            n = min(len(y) for _, y in curves)
+            xs = np.mean([x[:n] for x, _ in curves], axis=0)
+            ys = np.array([y[:n] for _, y in curves])
+            mean, std = ys.mean(0), ys.std(0)
+            (line,) = ax.plot(xs, mean, label=f"{label_text(label)} ({len(curves)})")
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=line.get_color())
+            drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel({"round": "round", "time": "simulated time", "bytes": "uplink bytes (cumulative)"}[args.x])
+        ax.set_ylabel(metric)
+        if args.logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = args.out / f"{metric.replace('/', '_')}_vs_{args.x}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fedsim.report", description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or run folders")
+    ap.add_argument("--metric", nargs="+", default=["eval/acc"])
+    ap.add_argument("--stat", nargs="+", default=["final", "best"], help="final, best, last:K")
+    ap.add_argument("--target", nargs="*", type=float, default=[], help="values of the first metric to reach")
+    ap.add_argument("--x", choices=list(X_KEYS), default="round", help="x axis of plots and targets")
+    ap.add_argument("--group-by", nargs="*", default=None, help="keys to group by (default: every swept key but seed)")
+    ap.add_argument("--columns", default=None, help="lay the first metric/stat out with this key's values as columns")
+    ap.add_argument("--digits", type=int, default=4)
+    ap.add_argument("--logx", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    for stat in args.stat:
+        if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit()):
+            ap.error(f"--stat {stat}: use final, best or last:K")
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        ap.error(f"no such folder: {missing[0]}")
+    runs, keys = load(args.paths)
+    if not runs:
+        print(
+            f"fedsim.report: error: no finished run (metrics.jsonl ending in run_end) under {args.paths[0]}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    args.out = args.out or args.paths[0]
+    for path in write(runs, keys, args):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

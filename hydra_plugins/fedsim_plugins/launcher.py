@@ -1,0 +1,123 @@
+"""The Ray launcher (``hydra/launcher=ray``, the default for sweeps): the jobs of a sweep run
+concurrently as Ray tasks on the cluster that fedsim uses, a local Ray by default (``cluster.num_cpus``)
+or a running one (``cluster.address``, with ``cluster.auth_token``).
+
+Each job is one Ray task that reserves ``hydra.launcher.cpus_per_job`` CPUs (1) and runs its
+simulation in its own worker process with the in-process executor (``cluster=local``), so the
+jobs, not the nodes of one run, share the cluster's CPUs: a 2-core machine runs 2 jobs at a time,
+a cluster of 64 CPUs 64. Results do not depend on the executor (docs/design.md, "Determinism").
+A failing job is reported and the others go on. One progress line shows jobs done, running and
+failed, and an estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def _run_job(
+    hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, singleton_state: dict[Any, Any]
+) -> JobReturn:
+    """Runs inside a Ray worker: one Hydra job, its failure (even an exit) kept as its result."""
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    try:
+        return run_job(
+            hydra_context=hydra_context,
+            task_function=task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends are this job's failure
+        ret = JobReturn()
+        ret.status = JobStatus.FAILED
+        ret.return_value = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return ret
+
+
+class RayLauncher(Launcher):
+    def __init__(
+        self, address: Any = None, num_cpus: Any = None, auth_token: Any = None, cpus_per_job: int = 1
+    ) -> None:
+        super().__init__()
+        self.address = address
+        self.num_cpus = num_cpus
+        self.auth_token = auth_token
+        self.cpus_per_job = int(cpus_per_job)
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import ray
+
+        from fedsim.execution.ray_executor import start_ray
+
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        owns = start_ray(address=self.address, num_cpus=self.num_cpus, auth_token=self.auth_token, quiet=True)
+        remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=0)(_run_job)
+        futures: dict[Any, int] = {}
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            own = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith("cluster")]
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, [*own, "cluster=local"])
+
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            ref = remote.remote(self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
+            futures[ref] = i
+        results: list[JobReturn | None] = [None] * len(job_overrides)
+        start, failed = time.monotonic(), 0
+        total = len(job_overrides)
+        pending = list(futures)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    ret = ray.get(ref)
+                    results[futures[ref]] = ret
+                    failed += ret.status != JobStatus.COMPLETED
+                done = total - len(pending)
+                _progress(done, failed, total, time.monotonic() - start, self.cpus_per_job)
+        finally:
+            if sys.stderr.isatty():
+                print(file=sys.stderr, flush=True)
+            if owns:
+                ray.shutdown()
+        return [r for r in results if r is not None]
+
+
+def _progress(done: int, failed: int, total: int, elapsed: float, cpus_per_job: int) -> None:
+    """The sweep's one progress line: rewritten in place on a terminal, else printed every 5 %."""
+    import ray
+
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(cpus_per_job, 1))
+    running = min(slots, total - done)
+    eta = elapsed / done * (total - done) if done else float("nan")
+    eta_txt = f"{eta / 60:.1f} min" if eta == eta else "?"
+    line = f"sweep: {done - failed}/{total} done, {running} running, {failed} failed, ETA {eta_txt}"
+    if sys.stderr.isatty():
+        print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+    elif done == total or done % max(1, total // 20) == 0:
+        print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,249 @@
+"""Sweeps through the product: ``python -m fedsim -m ...`` with the fedsim sweeper and the Ray
+launcher (the defaults), run as a user runs them, in a subprocess with its own local Ray.
+
+Jobs run concurrently, a failing job fails alone and sets the exit code, rerunning skips finished
+jobs and resumes interrupted ones from their checkpoints, a sweep job gives the same model as the
+same run on its own, W&B runs of a sweep land in one group with the swept keys as config and tags,
+and ``fedsim.report`` summarises the sweep. Every experiment config composes into valid jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_faults import DIGITS, cli, environment, run, strict_records, wait_for_round
+
+pytestmark = pytest.mark.integration
+
+SMALL = [*DIGITS, "eval_every=5", "cluster.num_cpus=2"]
+
+
+def sweep(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return run("-m", *args, timeout=timeout, **env)
+
+
+def final(folder: Path) -> dict:
+    return strict_records(folder / "metrics.jsonl")[-1]
+
+
+def watch_overlap(folders: list[Path], stop: threading.Event, seen: list[bool]) -> None:
+    """Set seen[0] when two jobs are between run_start and run_end at the same moment."""
+    while not stop.is_set() and not seen[0]:
+        running = 0
+        for f in folders:
+            path = f / "metrics.jsonl"
+            if path.exists():
+                text = path.read_text()
+                running += '"run_start"' in text and '"run_end"' not in text
+        seen[0] = running >= 2
+        time.sleep(0.01)
+
+
+def test_a_sweep_runs_jobs_at_once_survives_a_failing_job_and_reruns_only_what_is_left(tmp_path):
+    d = tmp_path / "sweep"
+    args = [*SMALL, "rounds=40", "seed=0,1", "attack=none,not_a_number", "byzantine.num=3", f"hydra.sweep.dir={d}"]
+    names = [f"seed={s},attack={a}" for s in (0, 1) for a in ("none", "not_a_number")]
+    stop, seen = threading.Event(), [False]
+    watcher = threading.Thread(target=watch_overlap, args=([d / n for n in names], stop, seen))
+    watcher.start()
+    try:
+        first = sweep(*args)
+    finally:
+        stop.set()
+        watcher.join()
+    assert first.returncode == 2, first.stderr  # the exit code counts the failed jobs
+    assert seen[0], "no two jobs ran at the same time"
+    for name in names:
+        records = strict_records(d / name / "metrics.jsonl")
+        if "none" in name:
+            assert records[-1]["event"] == "run_end"
+        else:  # the NaN attack diverges the mean: this job fails, the sweep goes on
+            assert records[-1]["event"] != "run_end"
+            assert f"job {name} failed: the model became NaN" in first.stderr and "(or rerun the sweep)" in first.stderr
+    assert "2 of 4 jobs done, 2 failed" in first.stderr
+    index = json.loads((d / "sweep.json").read_text())
+    assert index["swept"] == ["seed", "attack"] and [j["name"] for j in index["jobs"]] == names
+
+    # a sweep job is the same run as on its own
+    alone = run(*SMALL, "rounds=40", "seed=1", "attack=none", "byzantine.num=3", f"hydra.run.dir={tmp_path / 'alone'}")
+    assert alone.returncode == 0, alone.stderr
+    assert final(tmp_path / "alone")["params_sha256"] == final(d / "seed=1,attack=none")["params_sha256"]
+
+    before = {n: (d / n / "metrics.jsonl").read_bytes() for n in names if "none" in n}
+    again = sweep(*args)
+    assert again.returncode == 2
+    assert "4 jobs" in again.stderr and "2 done before, 2 to run" in again.stderr
+    assert all((d / n / "metrics.jsonl").read_bytes() == b for n, b in before.items())  # not run again
+
+
+def test_rerunning_a_sweep_resumes_an_interrupted_job_from_its_checkpoint(tmp_path):
+    d = tmp_path / "sweep"
+    common = [*SMALL, "rounds=60", "checkpoint.every=4"]
+    clean = run(*common, "seed=2", f"hydra.run.dir={tmp_path / 'clean'}")
+    assert clean.returncode == 0, clean.stderr
+    # the job seed=2 was stopped mid-run (as by a SIGTERM to the sweep) and left its checkpoints
+    job = d / "seed=2"
+    proc = subprocess.Popen(
+        cli(*common, "seed=2", f"hydra.run.dir='{job}'"),
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert wait_for_round(job / "metrics.jsonl", 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert strict_records(job / "metrics.jsonl")[-1]["event"] != "run_end"
+    done = sweep(*common, "seed=1,2", f"hydra.sweep.dir={d}")
+    assert done.returncode == 0, done.stderr
+    records = strict_records(job / "metrics.jsonl")
+    assert any(r["event"] == "resume" for r in records)
+    assert records[-1]["params_sha256"] == final(tmp_path / "clean")["params_sha256"]
+    rounds = [r["round"] for r in records if r["event"] == "round"]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == 59  # every step once, no gap
+
+
+def test_wandb_runs_of_a_sweep_share_a_group_with_the_swept_keys_as_config_tags_and_summary(tmp_path):
+    from tests.test_cli import wandb_records
+
+    d = tmp_path / "cmp"
+    done = sweep(
+        *SMALL,
+        "rounds=6",
+        "seed=0,1",
+        "strategy=fedavg,fedprox",
+        "logger=wandb",
+        f"hydra.sweep.dir={d}",
+        WANDB_MODE="offline",
+    )
+    assert done.returncode == 0, done.stderr
+    runs = {}
+    for path in d.glob("*/wandb/offline-run-*/run-*.wandb"):
+        records = list(wandb_records(path))
+        (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        config = {item.key: json.loads(item.value_json) for item in meta.config.update}
+        summary = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "summary":
+                summary |= {item.key: json.loads(item.value_json) for item in r.summary.update}
+        runs[path.parents[2].name] = (meta, config, summary)
+    assert sorted(runs) == sorted(f"seed={s},strategy={t}" for s in (0, 1) for t in ("fedavg", "fedprox"))
+    for name, (meta, config, summary) in runs.items():
+        seed, strategy = (part.split("=")[1] for part in name.split(","))
+        assert meta.run_group == "cmp"  # one group per sweep (experiment:sweep when an experiment is chosen)
+        assert config["strategy"] == strategy and str(config["seed"]) == seed
+        assert f"strategy:{strategy}" in meta.tags and f"seed:{seed}" in meta.tags
+        assert config["cfg"]["rounds"] == 6  # the whole config, for filters
+        assert summary["eval/acc"] == pytest.approx(final(d / name)["eval/acc"])
+
+
+def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
+    d = tmp_path / "sweep"
+    done = sweep(*SMALL, "rounds=20", "seed=0,1,2", "strategy.client.lr=0.05,0.2", f"hydra.sweep.dir={d}")
+    assert done.returncode == 0, done.stderr
+    out = subprocess.run(
+        [*cli()[:2], "fedsim.report", str(d), "--stat", "final", "best", "last:2", "--target", "0.5", "--x", "bytes"],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader((d / "report.csv").open()))
+    assert {r["strategy.client.lr"] for r in rows} == {"0.05", "0.2"} and "seed" not in rows[0]
+    for lr in ("0.05", "0.2"):
+        runs = [strict_records(d / f"seed={s},strategy.client.lr={lr}" / "metrics.jsonl") for s in range(3)]
+        evals = [[r["eval/acc"] for r in rs if r["event"] == "round" and "eval/acc" in r] for rs in runs]
+        expect = {
+            "final": [e[-1] for e in evals],
+            "best": [max(e) for e in evals],
+            "last:2": [np.mean(e[-2:]) for e in evals],
+        }
+        for stat, values in expect.items():
+            (row,) = [
+                r for r in rows if r["strategy.client.lr"] == lr and r["metric"] == "eval/acc" and r["stat"] == stat
+            ]
+            assert float(row["mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+            assert float(row["std"]) == pytest.approx(np.std(values), abs=1e-12) and int(row["n"]) == 3
+        hits = []
+        for rs in runs:
+            reached = [r["comm/bytes_up_total"] for r in rs if r["event"] == "round" and r.get("eval/acc", 0) >= 0.5]
+            hits += reached[:1]
+        (row,) = [r for r in rows if r["strategy.client.lr"] == lr and r["stat"] == "bytes_to_0.5"]
+        assert int(row["n"]) == len(hits)
+        if hits:
+            assert float(row["mean"]) == pytest.approx(np.mean(hits))
+    assert "strategy.client.lr" in (d / "report.md").read_text()
+    assert (d / "eval_acc_vs_bytes.png").stat().st_size > 10_000
+
+
+def experiment_jobs(name: str) -> list[list[str]]:
+    """Every job of ``experiment=name`` as the sweeper makes it: the overrides of each job."""
+    from hydra import compose, initialize_config_dir
+
+    from fedsim.cli import CONF_DIR
+    from hydra_plugins.fedsim_plugins.sweeper import FedsimSweeper
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    sweeper = FedsimSweeper(cfg.hydra.sweeper.params, cfg.hydra.sweeper.variants)
+    _, jobs, common = sweeper.grid([])
+    return [[f"experiment={name}", *sweeper.overrides_of(job, common)] for job in jobs]
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_job_of_every_experiment_composes_and_passes_the_checks(name):
+    """Compose and validate each job, and build seed 0's (data, partition, plug-ins and the
+    compatibility check: what a run does before its first step) where its dataset is here."""
+    from hydra import compose, initialize_config_dir
+
+    from fedsim.cli import CONF_DIR
+    from fedsim.errors import DataUnavailable
+    from fedsim.simulation import build
+
+    jobs = experiment_jobs(name)
+    assert len(jobs) >= 6
+    built = 0
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for overrides in jobs:
+            cfg = compose(config_name="config", overrides=[*overrides, "cluster=local"], return_hydra_config=True)
+            assert cfg.hydra.sweep.dir == f"multirun/{name}"
+            if int(cfg.seed) != 0:
+                continue
+            try:
+                build(cfg)
+            except DataUnavailable as exc:
+                pytest.skip(str(exc))
+            built += 1
+    assert built >= 2
+
+
+def test_variant_on_the_command_line_picks_variants():
+    jobs = experiment_jobs("fedau_fmnist")
+    assert len(jobs) == 3 * 3 * 7
+    from hydra import compose, initialize_config_dir
+
+    from fedsim.cli import CONF_DIR
+    from hydra_plugins.fedsim_plugins.sweeper import FedsimSweeper
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=fedau_fmnist"], return_hydra_config=True)
+    sweeper = FedsimSweeper(cfg.hydra.sweeper.params, cfg.hydra.sweeper.variants)
+    swept, picked, _ = sweeper.grid(["variant=mifa,fedau", "seed=0"])
+    assert swept == ["participation", "seed", "variant"]
+    assert [dict(j)["variant"] for j in picked] == ["fedau", "mifa"] * 3
+    with pytest.raises(ValueError, match="no variant nope"):
+        sweeper.grid(["variant=nope"])
