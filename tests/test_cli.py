@@ -135,7 +135,6 @@ def test_bad_value_inside_a_multirun_job_exits_2(tmp_path):
     assert not (tmp_path / "sweep").exists()  # nothing ran, nothing left
 
 
-
 def test_multirun_sweeps_strategies_and_seeds(tmp_path):
     run = fedsim("-m", "seed=0,1", "rounds=2", "cluster=local", "logger=jsonl", f"hydra.sweep.dir={tmp_path}")
     assert run.returncode == 0, run.stderr

@@ -33,7 +33,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim.config import validate
 
-
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
