@@ -280,6 +280,17 @@ def test_a_two_raylet_cluster_started_with_ray_start_gives_the_local_result(tmp_
         lines = [ln for ln in refused.stderr.splitlines() if ln.startswith("fedsim:")]
         assert refused.returncode == 2 and len(lines) == 1, refused.stderr
         assert f"cluster.address=127.0.0.1:{port}" in lines[0] and "auth_token" in lines[0]
+        # a sweep on the same cluster: its two jobs run at once, one per raylet (1 CPU each)
+        swept = run(
+            "-m",
+            *args,
+            "seed=4,5",
+            f"cluster.address=127.0.0.1:{port}",
+            f"cluster.auth_token={token}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        )
+        assert swept.returncode == 0, swept.stderr
+        assert "jobs per Ray node (2 node(s))" in swept.stderr
     finally:
         for proc in Path("/proc").iterdir():  # stop this cluster's processes only (not the test session's Ray)
             try:
@@ -288,10 +299,9 @@ def test_a_two_raylet_cluster_started_with_ray_start_gives_the_local_result(tmp_
             except OSError:
                 continue
     run(*args, "cluster=local", f"hydra.run.dir={tmp_path / 'local'}")
-    assert (
-        strict_records(tmp_path / "joined" / "metrics.jsonl")[-1]["params_sha256"]
-        == strict_records(tmp_path / "local" / "metrics.jsonl")[-1]["params_sha256"]
-    )
+    local = strict_records(tmp_path / "local" / "metrics.jsonl")[-1]["params_sha256"]
+    assert strict_records(tmp_path / "joined" / "metrics.jsonl")[-1]["params_sha256"] == local
+    assert strict_records(tmp_path / "sweep" / "seed=4" / "metrics.jsonl")[-1]["params_sha256"] == local
 
 
 def test_an_unreachable_address_is_one_line_at_once():

@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 
 def _run_job(
     hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, singleton_state: dict[Any, Any]
-) -> JobReturn:
-    """Runs inside a Ray worker: one Hydra job, its failure (even an exit) kept as its result."""
+) -> tuple[JobReturn, str]:
+    """Runs inside a Ray worker: one Hydra job, its failure (even an exit) kept as its result; and
+    the Ray node it ran on."""
+    import ray
+
     setup_globals()
     Singleton.set_state(singleton_state)
+    node = ray.get_runtime_context().get_node_id()
     try:
-        return run_job(
+        ret = run_job(
             hydra_context=hydra_context,
             task_function=task_function,
             config=config,
@@ -43,10 +47,15 @@ def _run_job(
             job_subdir_key="hydra.sweep.subdir",
         )
     except BaseException as exc:  # noqa: BLE001 - SystemExit and friends are this job's failure
-        ret = JobReturn()
-        ret.status = JobStatus.FAILED
-        ret.return_value = RuntimeError(f"{type(exc).__name__}: {exc}")
-        return ret
+        ret = _failed(f"{type(exc).__name__}: {exc}")
+    return ret, node
+
+
+def _failed(why: str) -> JobReturn:
+    ret = JobReturn()
+    ret.status = JobStatus.FAILED
+    ret.return_value = RuntimeError(why)
+    return ret
 
 
 class RayLauncher(Launcher):
@@ -89,13 +98,19 @@ class RayLauncher(Launcher):
             futures[ref] = i
         results: list[JobReturn | None] = [None] * len(job_overrides)
         start, failed = time.monotonic(), 0
+        nodes: dict[str, int] = {}
+
         total = len(job_overrides)
         pending = list(futures)
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
-                    ret = ray.get(ref)
+                    try:
+                        ret, node = ray.get(ref)
+                        nodes[node] = nodes.get(node, 0) + 1
+                    except Exception as exc:  # noqa: BLE001 - its worker died (killed, out of memory)
+                        ret = _failed(f"its Ray worker died ({type(exc).__name__}); rerun the sweep to resume it")
                     results[futures[ref]] = ret
                     failed += ret.status != JobStatus.COMPLETED
                 done = total - len(pending)
@@ -103,6 +118,9 @@ class RayLauncher(Launcher):
         finally:
             if sys.stderr.isatty():
                 print(file=sys.stderr, flush=True)
+            if nodes:
+                spread = ", ".join(f"{node[:8]}: {count}" for node, count in sorted(nodes.items()))
+                print(f"fedsim: jobs per Ray node ({len(nodes)} node(s)): {spread}", file=sys.stderr, flush=True)
             if owns:
                 ray.shutdown()
         return [r for r in results if r is not None]
