@@ -27,9 +27,9 @@ reach them as one `RunFacts` object.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +49,18 @@ TRIGGERS = ("barrier", "buffer", "period")
 
 Defence = Callable[[torch.Tensor], torch.Tensor]
 """A strategy's aggregation as an attacker sees it: rows -> the vector the server would use."""
+
+
+@dataclass(frozen=True)
+class PeerDefence:
+    """A peer-to-peer strategy's mixing as an attacker sees it: ``at(U, i)`` is the model that
+    honest node i keeps from the vectors ``U`` (the honest nodes' rows first, node i's at row i,
+    then the Byzantine ones). Called as a plain `Defence`, it is honest node 0's view."""
+
+    at: Callable[[torch.Tensor, int], torch.Tensor]
+
+    def __call__(self, U: torch.Tensor) -> torch.Tensor:
+        return self.at(U, 0)
 
 
 @dataclass(frozen=True)
@@ -201,7 +213,9 @@ class Strategy:
       member's model for peer-to-peer strategies.
 
     Optional: ``broadcast(state)`` (a few numbers sent with the model, read by nodes as
-    ``ctx.server``), ``defence(state, info)`` (its aggregation for line-searched attacks),
+    ``ctx.server``), ``defence(state, info)`` (its aggregation for line-searched attacks: a
+    `Defence`, or a `PeerDefence` when every node mixes on its own), ``attack_defaults``,
+
     ``check(rows)`` (raise ConfigError when its rules cannot take ``rows`` rows per step),
     ``rows_per_step(facts)`` (how many rows its rule gets when the strategy itself decides it, as
     a peer-to-peer exchange does; None: as the server delivers them).
@@ -209,6 +223,9 @@ class Strategy:
 
     client: ClientUpdate
     capabilities: Capabilities = Capabilities()
+    attack_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The settings of line-searched attacks (search, objective, delta, budget) that this method's
+    source uses; they apply where the user left an attack's option unset. Empty: ByzFL's."""
 
     def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
         raise NotImplementedError
@@ -243,6 +260,9 @@ class UpdateAttack:
 
     def init(self) -> dict[str, Any]:
         return {}
+
+    def adopt(self, defaults: Mapping[str, Any]) -> None:
+        """Take the strategy's ``attack_defaults`` for the options the user left unset."""
 
     def __call__(
         self,

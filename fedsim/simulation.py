@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import compat
 from fedsim.config import choices, validate
-from fedsim.contract import RunFacts, Server, Strategy
+from fedsim.contract import RunFacts, Server, Strategy, UpdateAttack
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.evaluate import Evaluator
@@ -107,6 +107,7 @@ class Simulation:
             "num_test": len(self.data.dataset.y_test),
             "byzantine_ids": sorted(self.byzantine.ids),
             "uplink": self.uplink.mode(self.strategy),
+            **({"attack": repr(self.byzantine.attack)} if self.byzantine.attack is not None else {}),
         }
 
     def close(self) -> None:
@@ -144,6 +145,9 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     model_factory = make(cfg.model)
     flat = FlatModel(build_model(model_factory, dataset.input_shape, dataset.num_classes, seed=seed))
     strategy: Strategy = make(cfg.strategy)
+    if isinstance(attack, UpdateAttack):
+        attack.adopt(strategy.attack_defaults)
+
     uplink = Uplink(make(cfg.compressor), make(cfg.feedback))
     train_counts = data.label_counts("train")
     participation = make(cfg.participation).bind(num_nodes=num_nodes, seed=seed, label_counts=train_counts)

@@ -147,8 +147,10 @@ class LocalSGD(ClientUpdate):
 class WorkerMomentum(LocalSGD):
     """One minibatch gradient per round with Polyak momentum kept at the node.
 
-    g = grad of the loss (+ ``weight_decay`` * x) on one minibatch of ``batch_size`` at the
-    received model, optionally clipped to norm ``grad_clip``; then
+    g = grad of the loss (+ ``weight_decay`` * x, the squared-norm penalty; + ``l2_norm`` *
+    x / ||x||, the gradient of the norm penalty l2_norm * ||x|| over the whole flat vector) on one
+    minibatch of ``batch_size`` at the received model, optionally clipped to norm ``grad_clip``;
+    then
     m <- beta * m + (1 - dampening) * g, with ``dampening=None`` meaning dampening = beta (the EMA
     m <- beta m + (1 - beta) g of ByzFL and of the MoNNA paper). m starts at 0 and **persists
     across rounds in the node state** (``{"momentum": m}``), travelling with the node's task.
@@ -166,6 +168,7 @@ class WorkerMomentum(LocalSGD):
         beta: float = 0.9,
         dampening: float | None = None,
         weight_decay: float = 0.0,
+        l2_norm: float = 0.0,
         grad_clip: float | None = None,
         lr: float | None = None,
         lr_decay: float | None = None,
@@ -180,6 +183,9 @@ class WorkerMomentum(LocalSGD):
             raise ConfigError(f"client lr_decay={lr_decay} must be > 0 or null")
         if lr_decay_delta < 1:
             raise ConfigError(f"client lr_decay_delta={lr_decay_delta} must be >= 1")
+        if l2_norm < 0:
+            raise ConfigError(f"client l2_norm={l2_norm} must be >= 0")
+        self.l2_norm = float(l2_norm)
         self.beta = float(beta)
         self.dampening = self.beta if dampening is None else float(dampening)
         self.grad_clip = None if grad_clip is None else float(grad_clip)
@@ -214,6 +220,8 @@ class WorkerMomentum(LocalSGD):
             g = grad.clone()
             if self.weight_decay:
                 g.add_(flat, alpha=self.weight_decay)
+            if self.l2_norm:
+                g.add_(flat, alpha=self.l2_norm / max(float(flat.norm()), 1e-30))
             if self.grad_clip is not None:
                 norm = float(g.norm())
                 if norm > self.grad_clip:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.contract import Capabilities, ClientUpdate, Defence, RunFacts, Strategy
+from fedsim.contract import Capabilities, ClientUpdate, Defence, PeerDefence, RunFacts, Strategy
 from fedsim.errors import ConfigError
 from fedsim.seeding import np_rng
 from fedsim.types import RoundInfo, UpdateBatch
@@ -40,6 +40,8 @@ class MoNNA(Strategy):
     gets are the members' models after their local step (rows=model) and the Byzantine vectors."""
 
     capabilities = Capabilities(servers=frozenset({"p2p"}), needs_all_nodes=True, rows="model")
+    attack_defaults = {"search": "monna", "objective": "all_honest", "delta": 1.0, "budget": 16}
+    """The authors' attack (``attacks/identical.py`` and ``tools.line_maximize`` of their code)."""
 
     def __init__(self, *, client: ClientUpdate, aggregator: Any, f: int = 0) -> None:
         if isinstance(client, WorkerMomentum) and client.step_lr is None:
@@ -71,8 +73,13 @@ class MoNNA(Strategy):
         return self.aggregator.aggregate(received, w, state)
 
     def defence(self, state: dict[str, Any], info: RoundInfo) -> Defence:
-        """The attacker's objective: member 0's rule with every message delivered."""
+        """The mixing as the attacker models it: every honest vector and every Byzantine one
+        delivered (as in the authors' attack); with NNA, around each honest node's own vector
+        (`PeerDefence`), else the rule's one output."""
         fresh = self.aggregator.init()
+        if isinstance(self.aggregator, NNA):
+            nna = self.aggregator
+            return PeerDefence(at=lambda U, i: nna.around(U, i))
         return lambda U: self.mix(U, fresh)[0]
 
     def step(

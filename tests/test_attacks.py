@@ -24,6 +24,7 @@ from fedsim.faults.attacks import (
     OptimalIPM,
     SignFlip,
     line_maximize,
+    line_maximize_monna,
 )
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.seeding import np_rng
@@ -85,7 +86,76 @@ def test_line_maximize_follows_byzfl_and_the_two_sided_variant():
     assert len(calls) == 5
 
 
+def tried(search, objective, **kwargs) -> tuple[float, list[float]]:
+    calls: list[float] = []
+    best = search(lambda x: calls.append(x) or objective(x), **kwargs)
+    return best, [round(x, 6) for x in calls]
+
+
+def test_the_two_searches_try_the_hand_worked_strengths():
+    """Worked by hand for a concave objective with its peak at 2.7 (then 2.2), delta 1, ratio 0.8,
+    8 evaluations. Both expand 0, 1, 3, 7 (7 is worse: delta 4 -> 3.2). ByzFL then only tries
+    best + delta: 3 + 3.2, + 2.56, + 2.048, + 1.6384. The authors' search moves the last point
+    tried: 7 is above the best, so 7 - 3.2 = 3.8; above again, 3.8 - 2.56 = 1.24; below, so
+    1.24 + 2.048 = 3.288; above, 3.288 - 1.6384 = 1.6496, which beats 3 when the peak is 2.2."""
+    for peak in (2.7, 2.2):
+        f = lambda x, p=peak: -((x - p) ** 2)
+        assert tried(line_maximize, f, delta=1.0, budget=8) == (3.0, [0.0, 1.0, 3.0, 7.0, 6.2, 5.56, 5.048, 4.6384])
+        best, xs = tried(line_maximize_monna, f, delta=1.0, budget=8)
+        assert xs == [0.0, 1.0, 3.0, 7.0, 3.8, 1.24, 3.288, 1.6496]
+        assert best == (3.0 if peak == 2.7 else pytest.approx(1.6496))
+    # a decreasing objective: the first try fails (delta 0.8), then every step down would go below
+    # 0 and is halved back towards the last point: 1 - 0.8 = 0.2; 0.2 - 0.64 < 0 -> (-0.44 + 0.2) / 2
+    # = -0.12 -> 0.04; 0.04 - 0.512 -> -0.216 -> -0.088 -> -0.024 -> 0.008; then 0.0016
+    assert tried(line_maximize_monna, lambda x: -x, delta=1.0, budget=6) == (0.0, [0.0, 1.0, 0.2, 0.04, 0.008, 0.0016])
+    assert tried(line_maximize_monna, lambda x: x, delta=1.0, budget=4) == (7.0, [0.0, 1.0, 3.0, 7.0])
+    assert tried(line_maximize_monna, lambda x: x, delta=1.0, budget=1) == (0.0, [0.0])
+
+
+def test_the_all_honest_objective_averages_what_every_honest_node_keeps():
+    """The authors' objective in the peer-to-peer loop: ||mean_i NNA_i(U) - mean(H)|| with NNA_i
+    around honest node i, against honest node 0's view alone (by hand on 4 honest rows, f = 1)."""
+    from fedsim.contract import PeerDefence
+    from strategies.aggregators import NNA
+
+    honest = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [4.0, 4.0]])
+    nna = NNA(f=1)
+    defence = PeerDefence(at=lambda U, i: nna.around(U, i))
+    mean = honest.mean(0)
+    for tau in (0.0, 0.5, 2.0):
+        U = torch.cat([honest, (mean + tau * honest.std(0, correction=1)).unsqueeze(0)])
+        kept = []
+        for i in range(4):  # drop the row farthest from row i, average the other 4
+            far = int(torch.linalg.vector_norm(U - U[i], dim=1).argmax())
+            kept.append(torch.cat([U[:far], U[far + 1 :]]).mean(0))
+        every = float(torch.linalg.vector_norm(torch.stack(kept).mean(0) - mean))
+        node0 = float(torch.linalg.vector_norm(kept[0] - mean))
+        assert OptimalALIE(objective="all_honest").distortion(honest, 1, defence)(tau) == pytest.approx(every)
+        assert OptimalALIE(objective="node0").distortion(honest, 1, defence)(tau) == pytest.approx(node0)
+        assert every != pytest.approx(node0)
+
+
+def test_line_searched_attacks_take_the_strategy_defaults_where_unset():
+    monna = build(compose(*p2p_overrides("cluster=local", "attack=optimal_alie", "byzantine.num=2")))
+    byzfl = {"search": "byzfl", "objective": "node0", "delta": 10.0, "budget": 20, "ratio": 0.8, "below": False}
+    authors = {**byzfl, "search": "monna", "objective": "all_honest", "delta": 1.0, "budget": 16}
+    assert monna.byzantine.attack.settings == authors
+    assert "search=monna" in monna.info()["attack"]
+    mixed = build(
+        compose(*p2p_overrides("cluster=local", "attack=optimal_ipm", "byzantine.num=2", "attack.search=byzfl"))
+    )
+    assert mixed.byzantine.attack.settings == {**authors, "search": "byzfl"}
+    robust = build(compose(*digits_overrides("attack=optimal_alie", "byzantine.num=2", "strategy=robust")))
+    assert robust.byzantine.attack.settings == byzfl
+    with pytest.raises(ConfigError, match="below=true extends search=byzfl only"):
+        build(compose(*p2p_overrides("cluster=local", "attack=optimal_alie", "byzantine.num=2", "attack.below=true")))
+    for bad, needle in (("attack.search=grid", "choose one of byzfl, monna"), ("attack.objective=all", "node0")):
+        with pytest.raises(ConfigError, match=needle):
+            make(compose("attack=optimal_alie", bad).attack)
+
+
 def test_optimal_attacks_beat_fixed_strength_against_their_defence():
+
     g = torch.Generator().manual_seed(0)
     honest = torch.randn(8, 20, generator=g) + 1.0
     mean = honest.mean(0)

@@ -22,14 +22,14 @@ class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsim.contract import DataAttack, Defence, UpdateAttack
+from fedsim.contract import DataAttack, Defence, PeerDefence, UpdateAttack
 from fedsim.errors import ConfigError
 from fedsim.types import RoundInfo
 
@@ -198,6 +198,13 @@ class Mimic(Attack):
         return _rows(honest[target], f), state
 
 
+SEARCHES = ("byzfl", "monna")
+OBJECTIVES = ("node0", "all_honest")
+BYZFL_SEARCH = {"search": "byzfl", "objective": "node0", "delta": 10.0, "budget": 20}
+"""ByzFL's settings of the line-searched attacks: the defaults of every strategy that does not
+declare its own (``Strategy.attack_defaults``)."""
+
+
 def line_maximize(
     objective: Callable[[float], float],
     *,
@@ -207,10 +214,11 @@ def line_maximize(
     ratio: float = 0.8,
     below: bool = False,
 ) -> float:
-    """ByzFL's ``line_maximize``: from ``start``, expand (x + delta, doubling delta while the
-    objective improves), then contract (try x + delta, delta *= ratio after each try) until
-    ``budget`` evaluations. ``below=True`` also tries x - delta, not below 0, as the MoNNA
-    repository does."""
+    """ByzFL's search (``byzfl``). Expansion: from ``start``, try best + delta, doubling delta
+    while the objective improves; at the first failure delta *= ratio. Contraction: try
+    best + delta and shrink delta by ``ratio`` after each try, until ``budget`` evaluations in
+    all. ``below=True`` (an extension of ours, not a published search) also tries best - delta
+    in the contraction, never below 0."""
     best_x, best = start, objective(start)
     evals = 1
     while evals < budget:
@@ -235,23 +243,129 @@ def line_maximize(
     return best_x
 
 
+def line_maximize_monna(
+    objective: Callable[[float], float],
+    *,
+    start: float = 0.0,
+    delta: float = 1.0,
+    budget: int = 16,
+    ratio: float = 0.8,
+) -> float:
+    """The MoNNA authors' search (``monna``; ``tools.line_maximize`` of
+    LPD-EPFL/robust-collaborative-learning, defaults start 0, delta 1, 16 evaluations, ratio 0.8).
+    The expansion is ByzFL's. The contraction moves the *last point tried*, not the best one: it
+    steps up by delta when that point lies below the best, else down by delta (halving the way
+    back towards it while that would go below 0); every try shrinks delta by ``ratio``. The
+    result is the best point tried."""
+    best_x, best = start, objective(start)
+    evals, x = 1, start
+    while evals < budget:
+        x = best_x + delta
+        value = objective(x)
+        evals += 1
+        if value > best:
+            best_x, best = x, value
+            delta *= 2.0
+        else:
+            delta *= ratio
+            break
+    while evals < budget:
+        if x < best_x:
+            x += delta
+        else:
+            down = x - delta
+            if x <= 0.0:  # the halving below converges to 0 from below; the authors' loop ends at -0.0
+                down = 0.0
+            while down < 0.0:
+                down = (down + x) / 2.0
+            x = down
+        value = objective(x)
+        evals += 1
+        if value > best:
+            best_x, best = x, value
+        delta *= ratio
+    return best_x
+
+
 class _Optimal(Attack):
-    """Shared line search: choose the strength tau maximising ||defence(H + f x b(tau)) - mean(H)||
-    (Byzantine rows appended after the honest ones; the defences are permutation invariant up to
-    tie-breaking)."""
+    """Shared line search: the f rows are b(tau) = base + tau * step, with the strength tau >= 0
+    that maximises how far the defence's output moves from the honest mean,
+    ||out(H + f x b(tau)) - mean(H)|| (Byzantine rows after the honest ones).
+
+    - ``search``: ``byzfl`` (`line_maximize`) or ``monna`` (`line_maximize_monna`);
+    - ``objective``: ``node0``, out = the output the defence gives (for a peer-to-peer strategy,
+      honest node 0's); ``all_honest``, out = the mean over the honest nodes i of the output
+      node i would keep (`PeerDefence.at`), as the MoNNA authors' attack measures it (for a
+      server's rule, which has one output, both are the same);
+    - ``delta``, ``budget``: the first step and the number of evaluations.
+
+    Unset (null) options take the strategy's choices (``Strategy.attack_defaults``: the MoNNA
+    authors' for ``strategy=monna``), else ByzFL's (`BYZFL_SEARCH`). The chosen strength is
+    logged as ``attack/tau``."""
 
     needs_defence = True
 
-    def __init__(self, *, delta: float = 10.0, budget: int = 20, ratio: float = 0.8, below: bool = False) -> None:
-        if budget < 1:
-            raise ConfigError(f"optimal attack: budget={budget} must be >= 1")
-        self.delta = float(delta)
-        self.budget = int(budget)
+    def __init__(
+        self,
+        *,
+        search: str | None = None,
+        objective: str | None = None,
+        delta: float | None = None,
+        budget: int | None = None,
+        ratio: float = 0.8,
+        below: bool = False,
+    ) -> None:
+        if search is not None and search not in SEARCHES:
+            raise ConfigError(f"attack.search={search}: choose one of {', '.join(SEARCHES)}")
+        if objective is not None and objective not in OBJECTIVES:
+            raise ConfigError(f"attack.objective={objective}: choose one of {', '.join(OBJECTIVES)}")
+        if budget is not None and budget < 1:
+            raise ConfigError(f"attack.budget={budget} must be >= 1")
+        if delta is not None and delta <= 0:
+            raise ConfigError(f"attack.delta={delta} must be > 0")
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"attack.ratio={ratio} must be in (0, 1)")
+        self.search = search
+        self.objective = objective
+        self.delta = None if delta is None else float(delta)
+        self.budget = None if budget is None else int(budget)
         self.ratio = float(ratio)
         self.below = bool(below)
+        self.adopt({})
+
+    def adopt(self, defaults: Mapping[str, Any]) -> None:
+        """Fill the unset options from ``defaults`` (a strategy's), then from ByzFL's."""
+        given = {k: v for k, v in vars(self).items() if k in BYZFL_SEARCH and v is not None}
+        self._resolved = {**BYZFL_SEARCH, **{k: v for k, v in defaults.items() if k in BYZFL_SEARCH}, **given}
+        if self.below and self._resolved["search"] != "byzfl":
+            raise ConfigError("attack.below=true extends search=byzfl only; drop it or set attack.search=byzfl")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The search actually used: search, objective, delta, budget (and ratio, below)."""
+        return {**self._resolved, "ratio": self.ratio, "below": self.below}
 
     def direction(self, honest: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def distortion(self, honest: torch.Tensor, f: int, defence: Defence) -> Callable[[float], float]:
+        """tau -> the distortion the search maximises (-1 where it is not finite)."""
+        base, step = self.direction(honest, f)
+        mean = honest_stats(honest)[0]
+        h = honest.shape[0]
+        every_node = self._resolved["objective"] == "all_honest" and isinstance(defence, PeerDefence)
+
+        def objective(tau: float) -> float:
+            U = torch.cat([honest, _rows(base + tau * step, f)])
+            if every_node:
+                assert isinstance(defence, PeerDefence)
+                out = torch.stack([defence.at(U, i) for i in range(h)]).mean(dim=0)
+            else:
+                out = defence(U)
+            gap = float(torch.linalg.vector_norm(out - mean))
+            return gap if np.isfinite(gap) else -1.0
+
+        return objective
 
     def __call__(self, honest, f, *, info=None, rng=None, state=None, defence=None):
         state = {} if state is None else state
@@ -260,21 +374,22 @@ class _Optimal(Attack):
         if defence is None:
             raise ConfigError(f"{type(self).__name__} needs the defence it attacks; this strategy exposes none")
         base, step = self.direction(honest, f)
-        mean = honest_stats(honest)[0]
-
-        def objective(tau: float) -> float:
-            U = torch.cat([honest, _rows(base + tau * step, f)])
-            gap = float(torch.linalg.vector_norm(defence(U) - mean))
-            return gap if np.isfinite(gap) else -1.0
-
-        tau = line_maximize(objective, delta=self.delta, budget=self.budget, ratio=self.ratio, below=self.below)
+        objective = self.distortion(honest, f, defence)
+        s = self._resolved
+        if s["search"] == "monna":
+            tau = line_maximize_monna(objective, delta=s["delta"], budget=s["budget"], ratio=self.ratio)
+        else:
+            tau = line_maximize(objective, delta=s["delta"], budget=s["budget"], ratio=self.ratio, below=self.below)
         state = {**state, "tau": tau}
         return _rows(base + tau * step, f), state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.settings.items())})"
 
 
 class OptimalALIE(_Optimal):
     """ALIE with its strength line-searched against the defence (ByzFL ``Optimal_ALIE``; the
-    MoNNA repository's "little" attack): b = mean + tau * std."""
+    MoNNA repository's "little" attack, whose std is also ddof 1): b = mean + tau * std."""
 
     def direction(self, honest, f):
         mean, std = honest_stats(honest)

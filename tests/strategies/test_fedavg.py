@@ -143,6 +143,11 @@ def test_worker_momentum_persists_across_rounds_in_node_state():
     model.load(start)
     r = step(model, start, data, None, c0)
     assert torch.allclose(r.message, 0.75 * g0)
+    # the two regularisers: weight_decay adds lambda x (squared norm), l2_norm lambda x / ||x|| (norm)
+    for kwargs, extra in (({"weight_decay": 0.3}, 0.3 * start), ({"l2_norm": 0.3}, 0.3 * start / start.norm())):
+        model.load(start)
+        reg = WorkerMomentum(batch_size=5, beta=0.0, lr=0.75, **kwargs)(model, start, data, None, c0)
+        assert torch.allclose(reg.message, 0.75 * (g0 + extra), atol=1e-6)
 
 
 def test_fedprox_adds_the_proximal_gradient_at_every_step():
