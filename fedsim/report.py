@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ def load(paths: Sequence[Path]) -> tuple[list[Run], list[str]]:
     for p in paths:
         if (p / "metrics.jsonl").exists():
             folders.append(p)
+        elif (p / "sweep.json").exists():  # the sweep's own job order (values as declared)
+            jobs = json.loads((p / "sweep.json").read_text()).get("jobs", [])
+            folders += [p / j["name"] for j in jobs if (p / j["name"] / "metrics.jsonl").exists()]
         else:
             folders += sorted(f.parent for f in p.rglob("metrics.jsonl"))
     runs: list[Run] = []
@@ -156,11 +159,14 @@ def label_text(label: tuple[tuple[str, str], ...]) -> str:
 
 
 def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Path]:
+    order = _orderer(runs)
     group_keys = args.group_by or [k for k in keys if k != "seed"]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = []
     md = [f"# Report: {len(runs)} runs, grouped by {', '.join(group_keys) or 'nothing'}", ""]
+    if args.title:
+        md += [args.title, ""]
     md.append(
         f"Mean ± std over seeds (population std), with the number of seeds; sources: "
         f"{', '.join(str(p) for p in args.paths)}."
@@ -170,13 +176,15 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
     if args.columns:
         col_key = args.columns
         row_keys = [k for k in group_keys if k != col_key]
-        cols = sorted({r.values.get(col_key, "") for r in runs}, key=_sort_key)
+        cols = sorted({r.values.get(col_key, "") for r in runs}, key=lambda v: order(col_key, v))
         metric, stat = args.metric[0], args.stat[0]
         md.append(f"## {metric}, {stat}")
         md.append("")
         md.append("| " + " | ".join([*row_keys, *[f"{col_key}={c}" for c in cols]]) + " |")
         md.append("|" + "---|" * (len(row_keys) + len(cols)))
-        for label, members in sorted(group_runs(runs, row_keys).items(), key=lambda kv: _sort_key(kv[0])):
+        for label, members in sorted(
+            group_runs(runs, row_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
+        ):
             cells = []
             for c in cols:
                 vals = [statistic(r, metric, stat) for r in members if r.values.get(col_key, "") == c]
@@ -191,7 +199,9 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
         names = [f"{m} {s}" if t is None else f"{args.x} to {m} ≥ {t:g}" for m, s, t in columns]
         md.append("| " + " | ".join([*header, *names]) + " |")
         md.append("|" + "---|" * (len(header) + len(names)))
-        for label, members in sorted(group_runs(runs, group_keys).items(), key=lambda kv: _sort_key(kv[0])):
+        for label, members in sorted(
+            group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
+        ):
             cells = []
             for metric, stat, target in columns:
                 if target is None:
@@ -207,14 +217,14 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
     plots = plot(runs, group_keys, args)
     for p in plots:
         md.append(f"![{p.stem}]({p.name})")
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    written.append(out / "report.md")
-    with open(out / "report.csv", "w", newline="") as fh:
+    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    written.append(out / f"{args.name}.md")
+    with open(out / f"{args.name}.csv", "w", newline="") as fh:
         fields = sorted({k for row in rows_csv for k in row}, key=lambda k: (k in ("mean", "std", "n", "values"), k))
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows_csv)
-    written.append(out / "report.csv")
+    written.append(out / f"{args.name}.csv")
     return written + plots
 
 
@@ -242,7 +252,23 @@ def _sort_key(label: Any) -> Any:
     return _one(str(label))
 
 
+def _orderer(runs: list[Run]) -> Callable[[str, str], tuple[int, Any]]:
+    """Values sort in the order the runs first show them (a sweep's declared order), else as
+    numbers or text."""
+    seen: dict[tuple[str, str], int] = {}
+    for run in runs:
+        for key, value in run.values.items():
+            seen.setdefault((key, value), len(seen))
+
+    def key_of(key: str, value: str) -> tuple[int, Any]:
+        index = seen.get((key, value))
+        return (0, index) if index is not None else (1, _one(value))
+
+    return key_of
+
+
 def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> list[Path]:
+    order = _orderer(runs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +278,9 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
     for metric in args.metric:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         drawn = 0
-        for label, members in sorted(group_runs(runs, group_keys).items(), key=lambda kv: _sort_key(kv[0])):
+        for label, members in sorted(
+            group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
+        ):
             curves = [r.series(metric, args.x) for r in members]
             curves = [(x, y) for x, y in curves if len(y) > 1]
             if not curves:
@@ -274,7 +302,8 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        path = args.out / f"{metric.replace('/', '_')}_vs_{args.x}.png"
+        prefix = "" if args.name == "report" else f"{args.name}_"
+        path = args.out / f"{prefix}{metric.replace('/', '_')}_vs_{args.x}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -293,6 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--digits", type=int, default=4)
     ap.add_argument("--logx", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--name", default="report", help="file name of the table (NAME.md, NAME.csv)")
+    ap.add_argument("--title", default=None, help="a line under the report's heading")
+    ap.add_argument(
+        "--where", nargs="*", default=[], metavar="KEY=VALUES", help="keep runs whose KEY is one of VALUES (a,b)"
+    )
     args = ap.parse_args(argv)
     for stat in args.stat:
         if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit()):
@@ -301,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         ap.error(f"no such folder: {missing[0]}")
     runs, keys = load(args.paths)
+    for cond in args.where:
+        key, sep, values = cond.partition("=")
+        if not sep:
+            ap.error(f"--where {cond}: use KEY=VALUE or KEY=A,B")
+        runs = [r for r in runs if r.values.get(key) in values.split(",")]
+    keys = [k for k in keys if len({r.values.get(k) for r in runs}) > 1]
     if not runs:
         print(
             f"fedsim.report: error: no finished run (metrics.jsonl ending in run_end) under {args.paths[0]}",
