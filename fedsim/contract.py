@@ -27,7 +27,7 @@ reach them as one `RunFacts` object.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -148,9 +148,16 @@ class ClientUpdate:
     Declared: ``needs_unlabelled`` (the node also gets its own unlabelled test inputs,
     ``data.x_unlabelled``). ``work(n)`` is the examples it processes for a node holding n (for
     load balancing only).
+
+    Optional, for ``cluster.vectorize=true``: ``vectorizable`` and ``cohort(model, starts,
+    datas, states, ctxs) -> [ClientResult]``, which trains K nodes that take the same number of
+    steps (``steps(n)``) at once from the (K, d) matrix of their start models; each node keeps its
+    own data, state and streams, so its result equals the one-at-a-time result up to float
+    rounding.
     """
 
     needs_unlabelled: bool = False
+    vectorizable: bool = False
 
     def __call__(
         self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
@@ -159,6 +166,20 @@ class ClientUpdate:
 
     def work(self, num_examples: int) -> int:
         return num_examples
+
+    def steps(self, num_examples: int) -> int:
+        """Optimizer steps for a node holding ``num_examples`` (cohorts group nodes by it)."""
+        return 1
+
+    def cohort(
+        self,
+        model: FlatModel,
+        starts: torch.Tensor,
+        datas: Sequence[NodeData],
+        states: Sequence[NodeState | None],
+        ctxs: Sequence[ClientContext],
+    ) -> list[ClientResult]:
+        raise NotImplementedError
 
 
 class Aggregator(Protocol):

@@ -53,3 +53,23 @@ class FlatModel:
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
+
+
+class FunctionalModel:
+    """A `FlatModel`'s module as a function of its flat parameter vector, for `torch.func`:
+    ``logits(p, x)`` runs the module with the parameters viewed out of ``p`` (d,), so that
+    ``vmap`` over a (K, d) matrix of parameter vectors runs K models at once."""
+
+    def __init__(self, model: FlatModel) -> None:
+        self.module = model.module
+        self.layout: list[tuple[str, int, int, torch.Size]] = []
+        offset = 0
+        for name, p in model.module.named_parameters():
+            self.layout.append((name, offset, p.numel(), p.shape))
+            offset += p.numel()
+
+    def logits(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        params = {name: p[o : o + n].view(shape) for name, o, n, shape in self.layout}
+        return functional_call(self.module, params, (x,))

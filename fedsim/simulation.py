@@ -107,6 +107,7 @@ class Simulation:
             "num_test": len(self.data.dataset.y_test),
             "byzantine_ids": sorted(self.byzantine.ids),
             "uplink": self.uplink.mode(self.strategy),
+            "large_steps": "summed where nodes run" if self.pipeline().reduce is not None else "rows shipped",
             **({"attack": repr(self.byzantine.attack)} if self.byzantine.attack is not None else {}),
         }
 

@@ -28,7 +28,7 @@ increments in mirror mode, the estimates h_i in per-node mode.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch
 from fedsim.compress import Compressor
 from fedsim.contract import Feedback, RunFacts, Strategy
 from fedsim.seeding import torch_rng
+from fedsim.state import PersistentMap
 from fedsim.types import ClientContext, NodeState, UpdateBatch
 
 MODES = ("none", "mirror", "per_node")
@@ -77,20 +78,23 @@ class Uplink:
                 w = np.ones_like(w)
             return {"h": torch.zeros_like(params), "node_weights": torch.from_numpy(w / w.sum())}
         if mode == "per_node":
-            return {"h": {}}
+            return {"h": PersistentMap()}
+
         return {}
 
     def decode(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
         """Per-node mode: each sender's increment is added to the server's copy of its h_i, and
         its row becomes h_i. Other modes and reports: unchanged."""
-        if batch.report or "h" not in state or not isinstance(state["h"], dict) or len(batch) == 0:
+        if batch.report or "h" not in state or not isinstance(state["h"], Mapping) or len(batch) == 0:
             return batch, state
-        h = dict(state["h"])
+        h = state["h"] if isinstance(state["h"], PersistentMap) else PersistentMap(state["h"])
+        changes: dict[int, torch.Tensor] = {}
         rows = []
         for nid, delta in zip(batch.node_ids.tolist(), batch.messages):
-            old = h.get(nid)
-            h[nid] = delta.clone() if old is None else old + delta
-            rows.append(h[nid])
+            old = changes.get(nid, h.get(nid))
+            changes[nid] = delta.clone() if old is None else old + delta
+            rows.append(changes[nid])
+        h = h.updated(changes)
         out = UpdateBatch(
             batch.node_ids,
             torch.stack(rows),

@@ -1,8 +1,12 @@
-"""Simulator throughput on the reference workload, against bare single-threaded processes.
+"""Simulator throughput on a reference workload, against bare single-threaded processes.
 
-Reference workload (issue 2): Fashion-MNIST (synthetic images of the same shape when the files
-are absent), 100 nodes, Dirichlet (D1) alpha 0.5, 10 nodes per round, 1 local epoch, batch 32,
-SGD lr 0.05, CNN conv(1->16,k5)-relu-pool-conv(16->32,k5)-relu-pool-fc(512->128)-relu-fc(128->10).
+Workloads (``--workload``), both Fashion-MNIST (synthetic images of the same shape when the files
+are absent), 1 local epoch, batch 32, SGD lr 0.05, evaluation off:
+
+- ``w1`` (cross-silo, the default): 100 nodes, Dirichlet alpha 0.5 (~600 examples each), 10 per
+  round, CNN conv(1->16,k5)-relu-pool-conv(16->32,k5)-relu-pool-fc(512->128)-relu-fc(128->10);
+- ``w2`` (cross-device): 10,000 nodes, Dirichlet alpha 100 (~6 examples each), 1,000 per round,
+  MLP 784-128-10 (101,770 parameters).
 
 It measures, in one run:
 1. the simulator (Ray executor, one actor per core, evaluation off): samples/s over the rounds
@@ -14,7 +18,8 @@ It prints both and their ratio (target >= 0.9). A second baseline runs fedsim's 
 inner loop in the same bare processes, so ``ratio_same_loop`` isolates what the simulator around
 the loop (worker, executor, Ray, server) costs.
 
-    python scripts/bench.py [--rounds 30] [--warmup 3] [--cpus N] [-- extra hydra overrides]
+    python scripts/bench.py [--workload w1|w2] [--rounds 30] [--warmup 3] [--cpus N] [-- extra overrides]
+    python scripts/bench.py --workload w2 --rounds 12 --warmup 2 cluster.vectorize=true
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ WORKLOAD = [
     "logger=jsonl",
 ]
 SYNTHETIC = ["dataset=synthetic", "dataset.shape=[1,28,28]", "dataset.n_train=60000", "dataset.n_test=10000"]
+W2 = ["model=mlp", "partition.alpha=100", "num_nodes=10000", "nodes_per_round=1000"]
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -54,7 +60,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
         _find_idx(d, "train-images-idx3-ubyte") for d in _idx_dirs(data_root(None), "FashionMNIST", (str(FMNIST_DIR),))
     )
     data = ["dataset=fashion_mnist", "dataset.download=false"] if have_fmnist else SYNTHETIC
-    return [*data, *WORKLOAD, f"rounds={args.rounds}", f"cluster.num_cpus={args.cpus}", *args.overrides]
+    workload = [*WORKLOAD, *(W2 if args.workload == "w2" else [])]
+    return [*data, *workload, f"rounds={args.rounds}", f"cluster.num_cpus={args.cpus}", *args.overrides]
 
 
 def compose(ov: list[str]):
@@ -139,6 +146,7 @@ def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["w1", "w2"], default="w1")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
@@ -199,6 +207,8 @@ def main() -> None:
     bare_samples, bare_tput = bare("torch")
     _, same_loop_tput = bare("fedsim")
     out = {
+        "workload": args.workload,
+        "overrides": args.overrides,
         "dataset": "fashion_mnist" if "dataset=fashion_mnist" in ov else "synthetic[1,28,28]",
         "cpus": args.cpus,
         "steady_rounds": args.rounds - args.warmup,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedsim.contract import ClientUpdate
 from fedsim.errors import ConfigError
-from fedsim.params import FlatModel
+from fedsim.params import FlatModel, FunctionalModel
 from fedsim.seeding import torch_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
 
@@ -53,7 +54,7 @@ class LocalSGD(ClientUpdate):
             raise ConfigError(f"client momentum={momentum} must be in [0, 1)")
         self.lr = float(lr)
         self.epochs = int(epochs)
-        self.steps = None if steps is None else int(steps)
+        self.local_steps = None if steps is None else int(steps)
         self.batch_size = int(batch_size)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -62,16 +63,37 @@ class LocalSGD(ClientUpdate):
     def work(self, num_examples: int) -> int:
         if num_examples == 0:
             return 0
-        if self.steps is not None:
-            return self.steps * min(self.batch_size, num_examples)
+        if self.local_steps is not None:
+            return self.local_steps * min(self.batch_size, num_examples)
         return self.epochs * num_examples
+
+    def steps(self, num_examples: int) -> int:
+        if num_examples == 0:
+            return 0
+        if self.local_steps is not None:
+            return self.local_steps
+        return self.epochs * math.ceil(num_examples / self.batch_size)
+
+    @property
+    def vectorizable(self) -> bool:  # type: ignore[override]
+        """Plain local SGD (momentum, weight decay, `adjust_gradient` written for (K, d) rows
+        too, as FedProx's is); a subclass that changes `loss` or `targets` trains one node at a
+        time unless it says otherwise."""
+        cls = type(self)
+        return cls.loss is LocalSGD.loss and cls.targets is LocalSGD.targets and cls.__call__ is LocalSGD.__call__
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, state: NodeState | None) -> torch.Tensor:
         if self.objective == "hinge":
             return F.multi_margin_loss(logits, y)
         return F.cross_entropy(logits, y)
 
-    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def terms(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The per-example losses whose mean is `loss` (for cohorts)."""
+        if self.objective == "hinge":
+            return F.multi_margin_loss(logits, y, reduction="none")
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         """The labels the step trains on (the node's own by default; FLORAL attacks them)."""
         return y
 
@@ -82,7 +104,7 @@ class LocalSGD(ClientUpdate):
     def _batches(self, n: int, gen: torch.Generator):
         """Yield index tensors of minibatches for this round."""
         b = self.batch_size
-        if self.steps is None:
+        if self.local_steps is None:
             for _ in range(self.epochs):
                 perm = torch.randperm(n, generator=gen)
                 for i in range(0, n, b):
@@ -90,11 +112,11 @@ class LocalSGD(ClientUpdate):
             return
         per_pass = math.ceil(n / b)
         done = 0
-        while done < self.steps:
+        while done < self.local_steps:
             perm = torch.randperm(n, generator=gen)
-            for i in range(min(per_pass, self.steps - done)):
+            for i in range(min(per_pass, self.local_steps - done)):
                 yield perm[i * b : (i + 1) * b]
-            done += min(per_pass, self.steps - done)
+            done += min(per_pass, self.local_steps - done)
 
     def __call__(
         self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
@@ -115,7 +137,8 @@ class LocalSGD(ClientUpdate):
         if n == 0:
             return ClientResult(torch.zeros_like(start), state, {}, 0)
         gen = ctx.generator()
-        aux = torch_rng(ctx.seed, "client-aux", ctx.round, ctx.node_id)
+        # the stream of `targets` (FLORAL's attacker), made only for clients that use it
+        aux = torch_rng(ctx.seed, "client-aux", ctx.round, ctx.node_id) if self.uses_aux else None
         flat, grad, module = model.flat, model.flat_grad, model.module
         velocity = torch.zeros_like(flat) if self.momentum > 0 else None
         loss_sum = 0.0
@@ -142,6 +165,124 @@ class LocalSGD(ClientUpdate):
                 seen += k
         metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
         return ClientResult(start - flat, state, metrics, n)
+
+    @property
+    def uses_aux(self) -> bool:
+        return type(self).targets is not LocalSGD.targets
+
+    def cohort(self, model, starts, datas, states, ctxs):
+        """`train` for K nodes at once: per step, each node's own minibatch (from its own
+        stream), padded to the largest with zero-weight rows, and one ``vmap`` of ``grad`` over
+        the (K, d) parameter matrix. Each node's loss is the mean over its real examples, as in
+        `train`; the update rule is the same, row by row."""
+        plans = [list(self._batches(len(d), ctx.generator())) if len(d) else [] for d, ctx in zip(datas, ctxs)]
+        return self.train_cohort(model, starts, datas, states, plans)
+
+    def train_cohort(
+        self,
+        model: FlatModel,
+        starts: torch.Tensor,
+        datas: Sequence[NodeData],
+        states: Sequence[NodeState | None],
+        plans: Sequence[Sequence[torch.Tensor]],
+        *,
+        class_weights: torch.Tensor | None = None,
+        normalize: str = "count",
+        zeta: float = 0.0,
+        gradient: bool = False,
+    ) -> list[ClientResult]:
+        """The cohort loop, given each node's minibatches (``plans``; nodes with different
+        numbers of steps run as separate groups). The loss of node k on a batch is
+        sum_i a_i l_i / N_k with l_i the example's loss (minus ``zeta`` times its prediction
+        entropy), a_i = ``class_weights[k, y_i]`` (1 without) and N_k the batch size
+        (``normalize="count"``) or sum_i a_i (``"weights"``). ``gradient=True``: one step's
+        gradient at the start model is the message (FedSGD), nothing is trained."""
+        K = len(datas)
+        out: list[ClientResult | None] = [None] * K
+        groups: dict[int, list[int]] = {}
+        for k, plan in enumerate(plans):
+            if len(datas[k]) == 0:
+                out[k] = ClientResult(torch.zeros_like(starts[k]), states[k], {}, 0)
+            else:
+                groups.setdefault(len(plan), []).append(k)
+        step = self._vector_grad(model, zeta, normalize)
+        C = None if class_weights is None else class_weights.shape[1]
+        for members in groups.values():
+            ix = torch.tensor(members)
+            S = starts.index_select(0, ix)
+            P = S.clone()
+            A = torch.ones(len(members), C or 1) if class_weights is None else class_weights.index_select(0, ix)
+            velocity = torch.zeros_like(P) if self.momentum > 0 and not gradient else None
+            loss_sum = torch.zeros(len(members), dtype=torch.float64)
+            correct = torch.zeros(len(members), dtype=torch.int64)
+            seen = torch.zeros(len(members), dtype=torch.int64)
+            for s in range(len(plans[members[0]])):
+                X, Y, M = _padded([datas[k].take(plans[k][s]) for k in members])
+                G, (loss, logits) = step(P, X, Y, M, A)
+                with torch.no_grad():
+                    counts = M.sum(1).to(torch.int64)
+                    loss_sum += loss.detach().to(torch.float64) * counts
+                    correct += ((logits.argmax(-1) == Y) & M.bool()).sum(1)
+                    seen += counts
+                    if gradient:
+                        P = G
+                        break
+                    if self.weight_decay:
+                        G.add_(P, alpha=self.weight_decay)
+                    self.adjust_gradient(G, P, S)
+                    if velocity is not None:
+                        velocity.mul_(self.momentum).add_(G)
+                        P.add_(velocity, alpha=-self.lr)
+                    else:
+                        P.add_(G, alpha=-self.lr)
+            for j, k in enumerate(members):
+                n = int(seen[j])
+                metrics = {"train/loss": float(loss_sum[j]) / n, "train/acc": int(correct[j]) / n}
+                message = P[j].clone() if gradient else S[j] - P[j]
+                out[k] = ClientResult(message, states[k], metrics, len(datas[k]))
+        return [r for r in out if r is not None]
+
+    def _vector_grad(self, model: FlatModel, zeta: float = 0.0, normalize: str = "count") -> Callable[..., Any]:
+        """vmap(grad) of the masked, weighted loss over a (K, d) parameter matrix (built once per
+        model and loss)."""
+        cache = self.__dict__.setdefault("_vector_grads", {})
+        key = (id(model), float(zeta), normalize)
+        if key not in cache:
+            from torch.func import grad_and_value, vmap
+
+            fm = FunctionalModel(model)
+
+            def one(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, a: torch.Tensor) -> Any:
+                logits = fm.logits(p, x)
+                terms = self.terms(logits, y)
+                if zeta:
+                    logp = torch.log_softmax(logits, dim=-1)
+                    terms = terms + zeta * (logp.exp() * logp).sum(-1)
+                w = m * (a[y] if a.shape[0] > 1 else a[0])
+                return (terms * w).sum() / (w.sum() if normalize == "weights" else m.sum()), logits
+
+            cache[key] = (model, vmap(grad_and_value(one, has_aux=True)))
+        return cache[key][1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_vector_grads", None)  # per process, rebuilt on first use
+        return state
+
+
+def _padded(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K minibatches as (K, B, ...) inputs, (K, B) labels and a (K, B) 0/1 mask, B the largest."""
+    B = max(int(y.shape[0]) for _, y in batches)
+    x0 = batches[0][0]
+    X = x0.new_zeros((len(batches), B, *x0.shape[1:]))
+    Y = torch.zeros((len(batches), B), dtype=torch.int64)
+    M = torch.zeros((len(batches), B), dtype=x0.dtype)
+    for k, (x, y) in enumerate(batches):
+        b = int(y.shape[0])
+        X[k, :b] = x
+        Y[k, :b] = y
+        M[k, :b] = 1.0
+    return X, Y, M
 
 
 class WorkerMomentum(LocalSGD):
@@ -231,3 +372,39 @@ class WorkerMomentum(LocalSGD):
             metrics = {"train/loss": float(loss), "train/acc": int((logits.argmax(1) == yb).sum()) / k}
         message = m.clone() if self.step_lr is None else m * self.lr_at(ctx.round)
         return ClientResult(message, {"momentum": m}, metrics, n)
+
+    vectorizable = True
+
+    def cohort(self, model, starts, datas, states, ctxs):
+        """`__call__` for K nodes at once: one minibatch each, one vmap of grad, row-wise momentum."""
+        K = len(datas)
+        sizes = [len(d) for d in datas]
+        old = [None if s is None else s.get("momentum") for s in states]
+        m = torch.stack([torch.zeros_like(starts[k]) if o is None else o.clone() for k, o in enumerate(old)])
+        live = [k for k in range(K) if sizes[k] > 0]
+        out: list[ClientResult] = [
+            ClientResult(torch.zeros_like(starts[k]), {"momentum": m[k]}, {}, 0) for k in range(K)
+        ]
+        if not live:
+            return out
+        batches = [datas[k].take(next(self._batches(sizes[k], ctxs[k].generator()))) for k in live]
+        X, Y, M = _padded(batches)
+        P = starts[live]
+        G, (loss, logits) = self._vector_grad(model)(P, X, Y, M, torch.ones(len(live), 1))
+        with torch.no_grad():
+            if self.weight_decay:
+                G.add_(P, alpha=self.weight_decay)
+            if self.l2_norm:
+                G.add_(P / torch.linalg.vector_norm(P, dim=1, keepdim=True).clamp(min=1e-30), alpha=self.l2_norm)
+            if self.grad_clip is not None:
+                norms = torch.linalg.vector_norm(G, dim=1)
+                scale = torch.where(norms > self.grad_clip, self.grad_clip / norms, torch.ones_like(norms))
+                G.mul_(scale.unsqueeze(1))
+            mk = m[live].mul_(self.beta).add_(G, alpha=1.0 - self.dampening)
+            correct = ((logits.argmax(-1) == Y) & M.bool()).sum(1)
+            for j, k in enumerate(live):
+                b = int(M[j].sum())
+                metrics = {"train/loss": float(loss[j]), "train/acc": int(correct[j]) / b}
+                message = mk[j].clone() if self.step_lr is None else mk[j] * self.lr_at(ctxs[k].round)
+                out[k] = ClientResult(message, {"momentum": mk[j].clone()}, metrics, sizes[k])
+        return out

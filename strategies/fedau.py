@@ -19,9 +19,11 @@ x <- x - lr_g * direction (``server_opt``, SGD with lr = eta_g) with, by ``weigh
 - ``mifa`` (Gu et al. 2021): y_n <- m_n for n in S_t, direction = mean over all N of y_n
   (never-seen nodes count 0).
 
-FedVarp and MIFA hold N x d float32 on the server (``state["stored"]``): 4 N d bytes, e.g.
-250 nodes x 50,890 parameters = 51 MB, 10,000 nodes x 100,000 = 4 GB. FedAU holds three numbers
-per node.
+FedVarp and MIFA hold each node's last update on the server (``state["stored"]``, float32, only
+for nodes that have sent: at most 4 N d bytes, e.g. 250 nodes x 50,890 parameters = 51 MB,
+10,000 nodes x 100,000 = 4 GB) and their running sum (float64, ``state["stored_sum"]``), so a
+round touches only its participants' rows. FedAU holds three numbers per node.
+
 
 The estimator (FedAU, Algorithm 1 of the paper; kept for every weighting so that its weights can
 be logged and compared): per node a counter c_n of rounds since the last participation, and the
@@ -46,6 +48,7 @@ import torch
 
 from fedsim.contract import Capabilities, ClientUpdate, RunFacts, ServerOptimizer, Strategy
 from fedsim.errors import ConfigError
+from fedsim.state import PersistentMap
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.server_opt import ServerSGD
 
@@ -117,7 +120,9 @@ class FedAU(Strategy):
             "probs": None if participation_probs is None else np.asarray(participation_probs, dtype=np.float64),
         }
         if self.weighting in ("fedvarp", "mifa"):
-            state["stored"] = torch.zeros(n, params.numel(), dtype=params.dtype)
+            # each node's last update (nodes never seen count as zero rows), and their sum
+            state["stored"] = PersistentMap()
+            state["stored_sum"] = torch.zeros(params.numel(), dtype=torch.float64)
         return state
 
     def direction(
@@ -126,16 +131,19 @@ class FedAU(Strategy):
         """The aggregated message (None: no step this round) and the new stored updates."""
         k = U.shape[0]
         if self.weighting in ("fedvarp", "mifa"):
-            stored = state["stored"].clone()
-            before = stored.mean(0)
+            # O(k d) per round: only the participants' rows change, and the sum follows them
+            stored, total = state["stored"], state["stored_sum"]
+            zero = torch.zeros(U.shape[1], dtype=U.dtype)
+            old = torch.stack([stored.get(int(i), zero) for i in ids]) if k else U
+            before = (total / N).to(U.dtype)
+            if k:
+                total = total + (U - old).to(torch.float64).sum(0)
+                stored = stored.updated({int(i): U[r].clone() for r, i in enumerate(ids)})
+            new = {"stored": stored, "stored_sum": total}
             if self.weighting == "fedvarp":
-                if k == 0:
-                    return None, {"stored": stored}
-                out = (U - stored.index_select(0, ids)).mean(0) + before
-                stored[ids] = U
-                return out, {"stored": stored}
-            stored[ids] = U
-            return stored.mean(0), {"stored": stored}
+                return (None if k == 0 else (U - old).mean(0) + before), new
+            return (total / N).to(U.dtype), new
+
         if k == 0:
             return (None if self.weighting == "average_participating" else torch.zeros(U.shape[1], dtype=U.dtype)), {}
         if self.weighting == "average_participating":

@@ -242,7 +242,7 @@ class FloralSGD(LocalSGD):
         other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
         return other - true
 
-    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def targets(self, logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         k = int(round(self.budget * len(y)))
         if k == 0:
             return y

@@ -225,6 +225,54 @@ class VRLSClient(LocalSGD):
             return self.gradient(model, data, ctx, loss_fn)
         return self.train(model, start, data, None, ctx, loss_fn)
 
+    # -- vectorised cohorts (cluster.vectorize) -----------------------------------------------
+
+    vectorizable = True
+
+    def steps(self, num_examples: int) -> int:
+        return min(num_examples, 1) if self.form == "fedsgd" else super().steps(num_examples)
+
+    def cohort(self, model, starts, datas, states, ctxs):
+        """The training phases (predictor, IW-ERM) for K nodes at once, in either form; the
+        reporting phases run one node at a time."""
+        b = ctxs[0].server or {}
+        phase = b.get("phase")
+        if phase not in ("predictor", "train"):
+            out = []
+            for k in range(len(datas)):
+                model.load(starts[k])
+                out.append(self(model, starts[k], datas[k], states[k], ctxs[k]))
+            return out
+        weights, zeta = None, 0.0
+        if phase == "predictor":
+            parts = [d.subset(torch.from_numpy(self.split(len(d), c)[0])) for d, c in zip(datas, ctxs)]
+            zeta = float(b["zeta"])
+        else:
+            parts = list(datas)
+            if b.get("target") is not None:
+                target, classes = np.asarray(b["target"]), ctxs[0].num_classes
+                r = [ls.class_weights(target, self.prior(d.y, classes), cap=self.ratio_cap) for d in datas]
+                weights = torch.from_numpy(np.stack(r)).to(torch.float32)
+        if self.form == "fedsgd":
+            plans = [
+                [torch.randperm(len(p), generator=c.generator())[: self.batch_size]] if len(p) else []
+                for p, c in zip(parts, ctxs)
+            ]
+        else:
+            plans = [list(self._batches(len(p), c.generator())) if len(p) else [] for p, c in zip(parts, ctxs)]
+        normalize = "weights" if weights is not None and self.normalize == "batch" else "count"
+        return self.train_cohort(
+            model,
+            starts,
+            parts,
+            [None] * len(parts),
+            plans,
+            class_weights=weights,
+            normalize=normalize,
+            zeta=zeta,
+            gradient=self.form == "fedsgd",
+        )
+
     # -- the phases ---------------------------------------------------------------------------
 
     def __call__(

@@ -46,8 +46,47 @@ def test_bit_identical_across_executors_actors_and_machines(ray_cluster):
         assert torch.equal(local, other)
 
 
-def build_initial() -> torch.Tensor:
-    sim = build(compose(*BASE, "cluster=local"))
+CROSS_DEVICE = [
+    "dataset=digits",
+    "model=logreg",
+    "num_nodes=300",
+    "nodes_per_round=150",
+    "partition.alpha=100",
+    "rounds=3",
+    "eval_every=0",
+    "seed=3",
+]
+
+
+def test_large_steps_are_summed_where_nodes_run_bit_identically_for_any_actor_count(ray_cluster, monkeypatch):
+    """150 rows per step (> SHIP_ROWS_UP_TO): FedAvg's rows are summed in blocks of 16 where they
+    are trained; the result does not depend on the executor or the actor count, and agrees with
+    shipping every row to float tolerance."""
+    from fedsim.execution import worker
+    from fedsim.server import pipeline
+
+    def run(*cluster: str) -> tuple[torch.Tensor, object]:
+        set_driver_threads(1)
+        sim = build(compose(*CROSS_DEVICE, *cluster))
+        try:
+            return sim.run()[0].params, sim.pipeline().reduce
+        finally:
+            sim.close()
+
+    local, reduce = run("cluster=local")
+    assert reduce == worker.Reduce(weighted=True)
+    for actors in (1, 2, 3):
+        ray_params, _ = run("cluster=ray", f"cluster.num_actors={actors}")
+        assert torch.equal(local, ray_params), actors
+    monkeypatch.setattr(pipeline, "SHIP_ROWS_UP_TO", 10**9)  # every row shipped, as for small steps
+    shipped, _ = run("cluster=local")
+    assert torch.allclose(local, shipped, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(local, build_initial(CROSS_DEVICE))
+
+
+def build_initial(base: list[str] | None = None) -> torch.Tensor:
+    sim = build(compose(*(base or BASE), "cluster=local"))
+
     return sim.state.params
 
 

@@ -7,15 +7,17 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.data.base import FederatedData
-from fedsim.execution.worker import NodeTask, NodeWorker, RoundResult, WorkerSpec
+from fedsim.execution.worker import NodeTask, NodeWorker, Reduce, RoundResult, WorkerSpec, in_blocks, vectorized
 
 
 class LocalExecutor:
     """Runs every node in this process, one after another, with ``spec.threads`` torch threads
     (restored afterwards), which is what makes it bit-identical to the Ray executor."""
 
-    def __init__(self, spec: WorkerSpec, data: FederatedData) -> None:
+    def __init__(self, spec: WorkerSpec, data: FederatedData, *, vectorize: bool = False, cohort: int = 64) -> None:
+        spec = vectorized(spec, vectorize, cohort)
         self.spec = spec
+
         ds = data.dataset
         test = (ds.x_test, data.partition.test) if spec.unlabelled else (None, None)
         self.worker = NodeWorker(spec, ds.x_train, ds.y_train, data.partition.train, *test)
@@ -23,11 +25,19 @@ class LocalExecutor:
         self.description = "local (in-process)"
 
     def run_round(
-        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+        self,
+        params: torch.Tensor | None,
+        round_: int,
+        tasks: Sequence[NodeTask],
+        broadcast: dict | None = None,
+        reduce: Reduce | None = None,
     ) -> RoundResult:
         threads = torch.get_num_threads()
+        blocked = reduce is not None or self.spec.blocked
+        ordered = in_blocks(tasks, self.spec.block) if blocked else list(tasks)
+
         try:
-            return RoundResult.merge([self.worker.run(params, round_, list(tasks), broadcast)])
+            return RoundResult.merge([self.worker.run(params, round_, ordered, broadcast, reduce)])
         finally:
             torch.set_num_threads(threads)
 

@@ -25,7 +25,17 @@ import torch
 
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError, NodeError, WorkersLost
-from fedsim.execution.worker import NodeTask, NodeWorker, RoundResult, WorkerSpec, assign_lpt
+from fedsim.execution.worker import (
+    NodeTask,
+    NodeWorker,
+    Reduce,
+    RoundResult,
+    WorkerSpec,
+    assign_blocks,
+    assign_lpt,
+    in_blocks,
+    vectorized,
+)
 
 READY_TIMEOUT_S = 300.0
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -183,9 +193,12 @@ class RayExecutor:
         auth_token: str | None = None,
         connect_timeout: float = 30.0,
         max_failures: int = 3,
+        vectorize: bool = False,
+        cohort: int = 64,
     ) -> None:
         import ray
 
+        spec = vectorized(spec, vectorize, cohort)
         if num_cpus is not None and num_cpus < 1:
             raise ConfigError(f"cluster.num_cpus={num_cpus} must be >= 1")
         if num_actors is not None and num_actors < 1:
@@ -233,15 +246,26 @@ class RayExecutor:
         self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s))"
 
     def run_round(
-        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+        self,
+        params: torch.Tensor | None,
+        round_: int,
+        tasks: Sequence[NodeTask],
+        broadcast: dict | None = None,
+        reduce: Reduce | None = None,
     ) -> RoundResult:
         import ray
 
+        blocked = reduce is not None or self.spec.blocked
+        if blocked:
+            tasks = in_blocks(tasks, self.spec.block)
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
-        plan = assign_lpt(tasks, work, self.num_workers)
+        plan = (assign_blocks if blocked else assign_lpt)(tasks, work, self.num_workers)
+
         params_ref = ray.put(params)
         pending = {i: (self.actors[i], part) for i, part in enumerate(plan) if part}
-        futures = {i: actor.run.remote(params_ref, round_, part, broadcast) for i, (actor, part) in pending.items()}
+        futures = {
+            i: actor.run.remote(params_ref, round_, part, broadcast, reduce) for i, (actor, part) in pending.items()
+        }
         results: dict[int, RoundResult] = {}
         failures = 0
         while futures:
@@ -263,10 +287,12 @@ class RayExecutor:
                         f"{ids[:8]}): {str(exc).splitlines()[0]}; check the cluster (`ray status`), or raise "
                         "cluster.max_failures"
                     ) from None
-                futures[i] = self.rerun(i, params_ref, round_, pending[i][1], broadcast)
+                futures[i] = self.rerun(i, params_ref, round_, pending[i][1], broadcast, reduce)
         return RoundResult.merge([results[i] for i in sorted(results)])
 
-    def rerun(self, i: int, params_ref: Any, round_: int, part: list[NodeTask], broadcast: dict | None) -> Any:
+    def rerun(
+        self, i: int, params_ref: Any, round_: int, part: list[NodeTask], broadcast: dict | None, reduce: Reduce | None
+    ) -> Any:
         """Wait for actor ``i`` to come back (Ray restarts it) and run its part again."""
         import ray
 
@@ -282,7 +308,7 @@ class RayExecutor:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        return actor.run.remote(params_ref, round_, part, broadcast)
+        return actor.run.remote(params_ref, round_, part, broadcast, reduce)
 
     def worker_nodes(self) -> list[str]:
         return list(self.nodes)

@@ -4,8 +4,8 @@ reusing one model object. The local executor and every Ray actor run this same c
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from torch import nn
 
 from fedsim.errors import NodeError
 from fedsim.params import FlatModel
-from fedsim.types import ClientContext, NodeData, NodeState
+from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
 from fedsim.uplink import Uplink
 
 
@@ -30,11 +30,57 @@ class WorkerSpec:
     threads: int = 1
     uplink: Uplink | None = None
     """The compressed uplink's node side, run after the client update (None: messages as they are)."""
+    vectorize: bool = False
+    """Train the nodes of a block together (`ClientUpdate.cohort`) when the client supports it."""
+    cohort: int = 64
+    """Nodes per block when vectorised."""
+
+    @property
+    def block(self) -> int:
+        """Tasks per block (blocks stay on one worker): the cohort size when vectorised, else `BLOCK`."""
+        return self.cohort if self.vectorize and self.client_update.vectorizable else BLOCK
+
+    @property
+    def blocked(self) -> bool:
+        """Whether every round is cut into blocks (vectorised cohorts), not only summed ones."""
+        return self.vectorize and bool(self.client_update.vectorizable)
 
     @property
     def unlabelled(self) -> bool:
         """Whether nodes also get their own test inputs, without labels (``NodeData.x_unlabelled``)."""
         return bool(self.client_update.needs_unlabelled)
+
+
+SHIP_ROWS_UP_TO = 64
+"""Steps with at most this many rows ship every row to the server, whatever the strategy."""
+BLOCK = 16
+"""Rows per block when a linear step is summed where the nodes run (`Reduce`)."""
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """Sum the rows where they are produced instead of shipping them, for a step that depends on
+    them only through their weighted mean (a ``linear`` strategy, see `fedsim.contract.Capabilities`).
+
+    The round's tasks, sorted by node id, are cut into blocks of `BLOCK` consecutive tasks (task
+    ``p`` is in block ``p // BLOCK``); each block runs on one worker, which returns the block's
+    sum of w_i m_i (float32, accumulated in node order) and of w_i, with w_i the node's examples
+    (``weighted``) or 1 per node with data. The server adds the block sums in block order. The
+    blocks do not depend on how many workers there are, so neither do the results."""
+
+    weighted: bool
+
+    def weight(self, num_examples: int) -> float:
+        return float(num_examples) if self.weighted else float(num_examples > 0)
+
+
+@dataclass(frozen=True)
+class BlockSum:
+    """One block's sum of w_i m_i and of w_i (see `Reduce`)."""
+
+    block: int
+    total: torch.Tensor
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -48,6 +94,8 @@ class NodeTask:
     state: NodeState | None = None
     start: torch.Tensor | None = None
     round: int | None = None
+    block: int = 0
+    """Its block, when the round is reduced where it runs (`Reduce`)."""
 
 
 @dataclass
@@ -64,6 +112,8 @@ class RoundResult:
     """Per-row uplink bytes (None: 4 d per row, the dense float32 message)."""
     report: bool = False
     """The rows are small reports (`ClientResult.report`), not model updates."""
+    sums: list[BlockSum] | None = None
+    """With `Reduce`: the blocks' sums, in block order; ``messages`` is then empty."""
 
     def row_bytes(self) -> list[int]:
         if self.bytes_up is not None:
@@ -71,21 +121,37 @@ class RoundResult:
         d = int(self.messages.shape[1]) if self.messages.dim() == 2 else 0
         return [d * self.messages.element_size()] * len(self.node_ids)
 
+    def weighted_mean(self) -> torch.Tensor:
+        """With `Reduce`: sum over blocks (in block order) of sum w_i m_i, over the sum of w_i."""
+        assert self.sums
+        total = self.sums[0].total.clone()
+        for part in self.sums[1:]:
+            total.add_(part.total)
+        weight = sum(part.weight for part in self.sums)
+        return total.div_(weight) if weight > 0 else total.zero_()
+
     @staticmethod
     def merge(parts: Sequence[RoundResult]) -> RoundResult:
         rows = sorted((nid, part, i) for part in parts for i, nid in enumerate(part.node_ids))
         if not rows:
             raise ValueError("no node results to merge")
+        if len(parts) == 1 and [nid for nid, _, _ in rows] == parts[0].node_ids:
+            return parts[0]  # one worker, rows already in order
         row_bytes = {id(part): part.row_bytes() for part in parts}
+        reduced = [part.sums for part in parts if part.sums is not None]
+        if reduced and len(reduced) != len(parts):
+            raise ValueError("a round mixes summed blocks and rows")
+        d = parts[0].messages.shape[1] if parts[0].messages.dim() == 2 else 0
         return RoundResult(
             node_ids=[nid for nid, _, _ in rows],
-            messages=torch.stack([part.messages[i] for _, part, i in rows]),
+            messages=torch.zeros(0, d) if reduced else torch.stack([part.messages[i] for _, part, i in rows]),
             num_examples=[part.num_examples[i] for _, part, i in rows],
             metrics=[part.metrics[i] for _, part, i in rows],
             states=[part.states[i] for _, part, i in rows],
             busy_s=[b for part in parts for b in part.busy_s],
             bytes_up=[row_bytes[id(part)][i] for _, part, i in rows],
             report=any(part.report for part in parts),
+            sums=sorted((s for sums in reduced for s in sums), key=lambda s: s.block) if reduced else None,
         )
 
 
@@ -139,33 +205,99 @@ class NodeWorker:
         test_ix = self.test_index[node_id] if self.test_index is not None else None
         return NodeData.rows(self.x, self.y, self.index[node_id], self.x_test, test_ix)
 
+    def context(self, task: NodeTask, round_: int, broadcast: dict | None) -> ClientContext:
+        node_round = round_ if task.round is None else task.round
+        return ClientContext(node_round, task.node_id, self.spec.seed, self.spec.num_classes, broadcast)
+
+    def train(
+        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None
+    ) -> Iterator[tuple[NodeTask, ClientContext, ClientResult]]:
+        """The tasks' client results, in task order: one node after another, or with
+        ``spec.vectorize`` the nodes of each block in cohorts (`ClientUpdate.cohort`)."""
+        update = self.spec.client_update
+        if self.spec.vectorize and update.vectorizable:
+            yield from self.train_cohorts(params, round_, tasks, broadcast)
+            return
+        for task in tasks:
+            ctx = self.context(task, round_, broadcast)
+            start = self.start_of(task, params)
+            self.model.load(start)
+            old = task.state or {}
+            try:
+                result = update(self.model, start, self.node_data(task.node_id), old.get("client"), ctx)
+            except Exception as exc:  # reported with the node id, not swallowed
+                raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
+            yield task, ctx, result
+
+    @staticmethod
+    def start_of(task: NodeTask, params: torch.Tensor | None) -> torch.Tensor:
+        start = task.start if task.start is not None else params
+        if start is None:
+            raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
+        return start
+
+    def train_cohorts(
+        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None
+    ) -> Iterator[tuple[NodeTask, ClientContext, ClientResult]]:
+        """Each block's nodes trained together, grouped by their number of steps (a cohort).
+        Cohorts never cross blocks, and blocks never cross workers, so a node's result does not
+        depend on how many workers there are."""
+        update = self.spec.client_update
+        start_at = 0
+        while start_at < len(tasks):
+            end = start_at
+            while end < len(tasks) and tasks[end].block == tasks[start_at].block:
+                end += 1
+            block = list(tasks[start_at:end])
+            start_at = end
+            ctxs = [self.context(t, round_, broadcast) for t in block]
+            datas = [self.node_data(t.node_id) for t in block]
+            results: list[ClientResult | None] = [None] * len(block)
+            cohorts: dict[int, list[int]] = {}
+            for i, data in enumerate(datas):
+                cohorts.setdefault(update.steps(len(data)), []).append(i)
+            for members in cohorts.values():
+                starts = torch.stack([self.start_of(block[i], params) for i in members])
+                try:
+                    out = update.cohort(
+                        self.model,
+                        starts,
+                        [datas[i] for i in members],
+                        [(block[i].state or {}).get("client") for i in members],
+                        [ctxs[i] for i in members],
+                    )
+                except Exception as exc:  # a cohort fails as a whole; name its first node
+                    ids = [block[i].node_id for i in members]
+                    raise NodeError(
+                        ids[0], round_, f"in a cohort with nodes {ids[:8]}: {type(exc).__name__}: {exc}"
+                    ) from exc
+                for i, result in zip(members, out):
+                    results[i] = result
+            for task, ctx, result in zip(block, ctxs, results):
+                assert result is not None
+                yield task, ctx, result
+
     def run(
-        self, params: torch.Tensor | None, round_: int, tasks: Sequence[NodeTask], broadcast: dict | None = None
+        self,
+        params: torch.Tensor | None,
+        round_: int,
+        tasks: Sequence[NodeTask],
+        broadcast: dict | None = None,
+        reduce: Reduce | None = None,
     ) -> RoundResult:
+        """Run ``tasks`` (sorted by node id); with ``reduce``, return their blocks' sums instead
+        of their rows (reports are always returned as rows)."""
         import time
 
         torch.set_num_threads(self.spec.threads)
         uplink = self.spec.uplink if self.spec.uplink is not None and self.spec.uplink.active else None
         messages, counts, metrics, states, nbytes = [], [], [], [], []
+        sums: dict[int, list[Any]] = {}
         reports: set[bool] = set()
         t0 = time.perf_counter()
-        for task in tasks:
-            ctx = ClientContext(
-                round_ if task.round is None else task.round,
-                task.node_id,
-                self.spec.seed,
-                self.spec.num_classes,
-                broadcast,
-            )
-            start = task.start if task.start is not None else params
-            if start is None:
-                raise ValueError(f"node {task.node_id} has no model: pass params or a per-task start")
-            self.model.load(start)
+        for task, ctx, result in self.train(params, round_, tasks, broadcast):
             old = task.state or {}
             try:
-                result = self.spec.client_update(
-                    self.model, start, self.node_data(task.node_id), old.get("client"), ctx
-                )
                 message, row_bytes, node_metrics = result.message, result.nbytes, dict(result.metrics)
                 uplink_state = old.get("uplink")
                 if uplink is not None and not result.report:
@@ -175,9 +307,19 @@ class NodeWorker:
                     node_metrics.update(extra)
             except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
+
             if not torch.isfinite(message).all():
                 raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")
-            messages.append(message)
+            if reduce is not None and not result.report:
+                w = reduce.weight(int(result.num_examples))
+                acc = sums.get(task.block)
+                if acc is None:
+                    sums[task.block] = [message.mul(w), w]  # w * m, as 0 + w * m would be
+                else:
+                    acc[0].add_(message, alpha=w)
+                    acc[1] += w
+            else:
+                messages.append(message)
             counts.append(int(result.num_examples))
             metrics.append(node_metrics)
             states.append(node_state(result.state, uplink_state))
@@ -185,6 +327,7 @@ class NodeWorker:
             reports.add(bool(result.report))
         if len(reports) > 1:
             raise ValueError(f"round {round_} mixes reports and model updates; a strategy sends one kind per round")
+        summed = reduce is not None and reports != {True}
         return RoundResult(
             node_ids=[t.node_id for t in tasks],
             messages=torch.stack(messages) if messages else torch.zeros(0, self.model.dim),
@@ -194,6 +337,7 @@ class NodeWorker:
             busy_s=[time.perf_counter() - t0],
             bytes_up=nbytes,
             report=reports == {True},
+            sums=[BlockSum(b, total, w) for b, (total, w) in sorted(sums.items())] if summed else None,
         )
 
 
@@ -208,6 +352,29 @@ def node_state(client: NodeState | None, uplink: NodeState | None) -> NodeState 
     return out or None
 
 
+def in_blocks(tasks: Sequence[NodeTask], size: int = BLOCK) -> list[NodeTask]:
+    """The tasks sorted by node id, each marked with its block (position // ``size``)."""
+    ordered = sorted(tasks, key=lambda t: t.node_id)
+    return [replace(t, block=p // size) for p, t in enumerate(ordered)]
+
+
+def assign_blocks(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:
+    """`assign_lpt` over whole blocks (see `in_blocks`): a block's tasks stay on one worker."""
+    blocks: dict[int, list[int]] = {}
+    for i, t in enumerate(tasks):
+        blocks.setdefault(t.block, []).append(i)
+    keys = sorted(blocks)
+    loads = [sum(max(int(work[i]), 1) for i in blocks[b]) for b in keys]
+    order = sorted(range(len(keys)), key=lambda j: (-loads[j], keys[j]))
+    totals = [0] * num_workers
+    plan: list[list[NodeTask]] = [[] for _ in range(num_workers)]
+    for j in order:
+        w = min(range(num_workers), key=lambda k: (totals[k], k))
+        plan[w] += [tasks[i] for i in blocks[keys[j]]]
+        totals[w] += loads[j]
+    return [sorted(p, key=lambda t: t.node_id) for p in plan]
+
+
 def assign_lpt(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:
     """Longest-processing-time-first: give the next-largest node to the least-loaded worker.
     Deterministic (ties by node id, then worker index). The assignment never changes results,
@@ -220,3 +387,12 @@ def assign_lpt(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int)
         plan[w].append(tasks[i])
         loads[w] += max(int(work[i]), 1)
     return [sorted(p, key=lambda t: t.node_id) for p in plan]
+
+
+def vectorized(spec: WorkerSpec, vectorize: bool, cohort: int) -> WorkerSpec:
+    """``spec`` with the executor's ``cluster.vectorize`` and ``cluster.cohort`` settings."""
+    from fedsim.errors import ConfigError
+
+    if cohort < 1:
+        raise ConfigError(f"cluster.cohort={cohort} must be >= 1")
+    return replace(spec, vectorize=bool(vectorize), cohort=int(cohort))

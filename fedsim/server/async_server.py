@@ -45,7 +45,7 @@ from fedsim.contract import RunFacts, Server, Strategy
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.execution.worker import NodeTask, RoundResult
 from fedsim.seeding import np_rng
-from fedsim.server.pipeline import Pipeline, add_totals
+from fedsim.server.pipeline import Pipeline, add_totals, merge_node_states
 from fedsim.state import RunState
 from fedsim.types import RoundInfo
 
@@ -226,7 +226,6 @@ class _Loop:
                 ]
                 result = self.pipe.train(None, self.state.round, tasks, dim=d)
                 by_node = {j.node: j for j in honest}
-                node_states = dict(self.state.node_states)
                 row_bytes = result.row_bytes()
                 for i, nid in enumerate(result.node_ids):
                     job = by_node[nid]
@@ -234,10 +233,8 @@ class _Loop:
                     job.num_examples = result.num_examples[i]
                     job.metrics = result.metrics[i]
                     job.nbytes = row_bytes[i]
-                    new_state = result.states[i]
-                    if new_state is not None:
-                        node_states[nid] = new_state
-                self.state.node_states = node_states
+                self.state.node_states = merge_node_states(self.state.node_states, result)
+
             pending = later
         self.train_s += time.perf_counter() - t0
 

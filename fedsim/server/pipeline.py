@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,10 +28,10 @@ import torch
 
 from fedsim.contract import RunFacts, Strategy
 from fedsim.errors import ConfigError, Diverged
-from fedsim.execution.worker import NodeTask, RoundResult
+from fedsim.execution.worker import SHIP_ROWS_UP_TO, NodeTask, Reduce, RoundResult
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.logging import Callback
-from fedsim.state import RunState
+from fedsim.state import PersistentMap, RunState
 from fedsim.types import RoundInfo, UpdateBatch
 from fedsim.uplink import Uplink
 
@@ -80,13 +80,11 @@ def broadcast_bytes(extra: dict[str, Any] | None) -> int:
     return total
 
 
-def merge_node_states(old: dict[int, Any], result: RoundResult) -> dict[int, Any]:
-    """The per-node states after a round: the nodes that ran replace theirs."""
-    node_states = dict(old)
-    for nid, s in zip(result.node_ids, result.states):
-        if s is not None:
-            node_states[nid] = s
-    return node_states
+def merge_node_states(old: Mapping[int, Any], result: RoundResult) -> PersistentMap:
+    """The per-node states after a round: the nodes that ran replace theirs (the old map is
+    kept as it was; the cost is the round's nodes, not all nodes)."""
+    base = old if isinstance(old, PersistentMap) else PersistentMap(old)
+    return base.updated({nid: s for nid, s in zip(result.node_ids, result.states) if s is not None})
 
 
 def add_totals(totals: dict[str, float], **amounts: float) -> dict[str, float]:
@@ -129,6 +127,19 @@ class Pipeline:
         self.nodes_per_round = int(nodes_per_round)
         self.divergence = divergence
         self.on_boundary = on_boundary
+        caps = strategy.capabilities
+        self.reduce = (
+            Reduce(weighted=caps.weighted)
+            if facts.server == "sync"
+            and caps.linear
+            and caps.rows == "update"
+            and not byzantine.num
+            and self.uplink_mode == "none"
+            else None
+        )
+        """How a large step is summed where the nodes run (`Reduce`), decided from the contract:
+        a linear strategy at the synchronous server, without faulty nodes (attacks need the
+        rows) or an uplink estimate; None: rows are shipped."""
         self.boundary: RunState | None = None
         """The state after the last complete step (or the starting state): what a checkpoint on
         failure saves. Servers never mutate a state object once a step has produced it."""
@@ -145,9 +156,12 @@ class Pipeline:
         *,
         dim: int,
     ) -> RoundResult:
-        """Run the nodes' client updates (and their uplink encoding) on the executor."""
+        """Run the nodes' client updates (and their uplink encoding) on the executor; steps of
+        more than `SHIP_ROWS_UP_TO` rows are summed where they run when `reduce` allows it."""
         if not tasks:
             return RoundResult([], torch.zeros(0, dim), [], [], [])
+        if self.reduce is not None and len(tasks) > SHIP_ROWS_UP_TO:
+            return self.executor.run_round(params, round_, tasks, broadcast, self.reduce)
         return self.executor.run_round(params, round_, tasks, broadcast)
 
     # -- 2-6. one step ------------------------------------------------------------------------
@@ -206,7 +220,11 @@ class Pipeline:
                 agg = {"agg/skipped": 1}
         else:
             rows = batch
-            if self.uplink_mode == "mirror":
+            if result.sums is not None:  # summed where the nodes ran: the weighted mean is the one row
+                one = torch.ones(1, dtype=torch.int64)
+                mean = result.weighted_mean().unsqueeze(0)
+                rows = UpdateBatch(batch.node_ids[:1], mean, one, batch.base_version[:1], batch.bytes_up[:1])
+            elif self.uplink_mode == "mirror":
                 rows, uplink_state = self.uplink.reduce(batch, uplink_state)
             params, strategy_state, agg = strategy.step(state.params, rows, state.strategy_state, info)
         attacked = bool(self.byzantine.num) and self.byzantine.is_update_attack

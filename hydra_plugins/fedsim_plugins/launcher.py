@@ -88,7 +88,8 @@ class RayLauncher(Launcher):
         futures: dict[Any, int] = {}
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
-            own = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith("cluster")]
+            own = [o for o in overrides if not _placement(o)]
+
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, [*own, "cluster=local"])
 
             with open_dict(sweep_config):
@@ -139,3 +140,10 @@ def _progress(done: int, failed: int, total: int, elapsed: float, cpus_per_job: 
         print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
     elif done == total or done % max(1, total // 20) == 0:
         print(line, file=sys.stderr, flush=True)
+
+
+def _placement(override: str) -> bool:
+    """Whether an override says where a run executes (the job runs ``cluster=local`` in its Ray
+    task instead); how it trains (``cluster.vectorize``, ``cluster.cohort``) is kept."""
+    key = override.split("=")[0].lstrip("+~")
+    return key.startswith("cluster") and key not in ("cluster.vectorize", "cluster.cohort")

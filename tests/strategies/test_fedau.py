@@ -9,6 +9,7 @@ import torch
 from fedsim.errors import ConfigError
 from fedsim.faults.participation import Bernoulli
 from fedsim.simulation import build, set_driver_threads
+from fedsim.state import PersistentMap
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.client import LocalSGD
 from strategies.fedau import MIFA, FedAU, KnownProb, estimator_update
@@ -62,6 +63,13 @@ def test_estimator_rule_by_hand():
     assert w2.tolist() == [1.0, (2 * 4 + 4) / 3, (7 + 10) / 2]  # intervals c+1 = 1, 4; cutoff K = 10
 
 
+def store(state: dict, rows: dict[int, list[float]]) -> dict:
+    """FedVarp's and MIFA's stored updates set by hand (the rows and their running sum)."""
+    stored = {i: torch.tensor(r) for i, r in rows.items()}
+    total = torch.stack(list(stored.values())).to(torch.float64).sum(0)
+    return {**state, "stored": PersistentMap(stored), "stored_sum": total}
+
+
 def test_weightings_by_hand():
     """Two of N = 4 nodes send; the direction each weighting applies (server lr 1)."""
     U = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
@@ -72,8 +80,7 @@ def test_weightings_by_hand():
         s = FedAU(client=LocalSGD(), weighting=weighting)
         state = s.init(torch.zeros(2), run_facts(4, probs=probs))
         if weighting in ("mifa", "fedvarp"):
-            state["stored"][0] = torch.tensor([4.0, 4.0])
-            state["stored"][1] = torch.tensor([1.0, 1.0])
+            state = store(state, {0: [4.0, 4.0], 1: [1.0, 1.0]})
         if weighting == "adaptive":
             state["intervals"][3], state["estimate"][3] = 2, 5.0
         x, state, _ = s.step(torch.zeros(2), batch_of(ids, U), state, RoundInfo(0, 0, 0, 4, tuple(ids)))
@@ -93,7 +100,7 @@ def test_empty_round_counts_absences_and_skips_fedvarp():
         s = FedAU(client=LocalSGD(), weighting=weighting)
         state = s.init(torch.zeros(2), run_facts(3))
         if weighting == "mifa":
-            state["stored"][0] = torch.tensor([3.0, 0.0])
+            state = store(state, {0: [3.0, 0.0]})
         x, state, _ = s.step(torch.zeros(2), batch_of([], torch.zeros(0, 2)), state, RoundInfo(0, 0, 0, 3, ()))
         assert state["count"].tolist() == [1, 1, 1]
         assert bool(x.abs().sum() > 0) == moves
@@ -148,10 +155,12 @@ def test_memory_methods_store_one_update_per_node():
     sim = build(compose(*SIM, "strategy=mifa", "participation=cyclic", "participation.period=10", "rounds=4"))
     state, _ = sim.run()
     stored = state.strategy_state["stored"]
-    assert stored.shape == (30, sim.num_params)
-    # exactly the nodes that took part in some round hold a (non-zero) stored update
+    # exactly the nodes that took part in some round hold a (non-zero) stored update, and the
+    # running sum is their sum
     took_part = np.zeros(30, dtype=bool)
     for t in range(4):
         took_part[sim.participation(t, 30, 0, None)] = True
-    seen = (stored.abs().sum(1) > 0).numpy()
-    assert 0 < took_part.sum() < 30 and np.array_equal(seen, took_part)
+    assert 0 < took_part.sum() < 30 and sorted(stored) == np.flatnonzero(took_part).tolist()
+    assert all(row.shape == (sim.num_params,) and row.abs().sum() > 0 for row in stored.values())
+    total = torch.stack(list(stored.values())).to(torch.float64).sum(0)
+    assert torch.allclose(state.strategy_state["stored_sum"], total, rtol=1e-9, atol=1e-9)
