@@ -205,46 +205,97 @@ class LocalSGD(ClientUpdate):
                 out[k] = ClientResult(torch.zeros_like(starts[k]), states[k], {}, 0)
             else:
                 groups.setdefault(len(plan), []).append(k)
-        step = self._vector_grad(model, zeta, normalize)
+        fm, batched, from_one = self._vector_parts(model, zeta, normalize)
+        # Without a rule on whole rows, each parameter's (K, *shape) gradient updates its view of
+        # the rows directly. The rows kept are D = start - current model (the messages), so a
+        # step is D += lr * v and the model S - D is formed only when a later step needs it; a
+        # first step from one shared model (the synchronous case) runs that model unbatched.
+        by_view = not gradient and type(self).adjust_gradient is LocalSGD.adjust_gradient
         C = None if class_weights is None else class_weights.shape[1]
+        shared = starts.shape[0] > 0 and starts.stride(0) == 0  # one model, expanded
         for members in groups.values():
-            ix = torch.tensor(members)
-            S = starts.index_select(0, ix)
-            P = S.clone()
-            A = torch.ones(len(members), C or 1) if class_weights is None else class_weights.index_select(0, ix)
-            velocity = torch.zeros_like(P) if self.momentum > 0 and not gradient else None
-            loss_sum = torch.zeros(len(members), dtype=torch.float64)
-            correct = torch.zeros(len(members), dtype=torch.int64)
-            seen = torch.zeros(len(members), dtype=torch.int64)
+            n_k = len(members)
+            if shared:
+                S = starts[0].expand(n_k, -1)
+            else:
+                S = starts if n_k == K else starts.index_select(0, torch.tensor(members))
+            A = (
+                torch.ones(n_k, C or 1)
+                if class_weights is None
+                else class_weights.index_select(0, torch.tensor(members))
+            )
+            D: torch.Tensor | None = None
+            velocity = torch.zeros(S.shape, dtype=S.dtype) if self.momentum > 0 and not gradient else None
+            Vv = fm.views(velocity) if velocity is not None else None
+            loss_sum = torch.zeros(n_k, dtype=torch.float64)
+            correct = torch.zeros(n_k, dtype=torch.int64)
+            seen = torch.zeros(n_k, dtype=torch.int64)
             for s in range(len(plans[members[0]])):
                 X, Y, M = _padded([datas[k].take(plans[k][s]) for k in members])
-                G, (loss, logits) = step(P, X, Y, M, A)
+                P = S if D is None else torch.sub(S, D)
+                Pv = fm.views(P)
+                if D is None and shared:
+                    grads, (loss, logits) = from_one(fm.one(S[0]), X, Y, M, A)
+                else:
+                    grads, (loss, logits) = batched(Pv, X, Y, M, A)
                 with torch.no_grad():
                     counts = M.sum(1).to(torch.int64)
                     loss_sum += loss.detach().to(torch.float64) * counts
                     correct += ((logits.argmax(-1) == Y) & M.bool()).sum(1)
                     seen += counts
                     if gradient:
-                        P = G
+                        D = fm.flat(grads)
                         break
+                    if by_view:
+                        first = D is None
+                        if first:
+                            D = torch.empty(S.shape, dtype=S.dtype)
+                        Dv = fm.views(D)
+                        for name, g in grads.items():
+                            if self.weight_decay:
+                                g.add_(Pv[name], alpha=self.weight_decay)
+                            if Vv is not None:
+                                v = Vv[name]
+                                v.mul_(self.momentum).add_(g)
+                                g = v
+                            if first:
+                                torch.mul(g, self.lr, out=Dv[name])
+                            else:
+                                Dv[name].add_(g, alpha=self.lr)
+                        continue
+                    G = fm.flat(grads)
                     if self.weight_decay:
                         G.add_(P, alpha=self.weight_decay)
                     self.adjust_gradient(G, P, S)
                     if velocity is not None:
                         velocity.mul_(self.momentum).add_(G)
-                        P.add_(velocity, alpha=-self.lr)
-                    else:
-                        P.add_(G, alpha=-self.lr)
+                        G = velocity
+                    D = G.mul(self.lr) if D is None else D.add_(G, alpha=self.lr)
+            assert D is not None
             for j, k in enumerate(members):
                 n = int(seen[j])
                 metrics = {"train/loss": float(loss_sum[j]) / n, "train/acc": int(correct[j]) / n}
-                message = P[j].clone() if gradient else S[j] - P[j]
-                out[k] = ClientResult(message, states[k], metrics, len(datas[k]))
+                out[k] = ClientResult(D[j], states[k], metrics, len(datas[k]))
         return [r for r in out if r is not None]
 
     def _vector_grad(self, model: FlatModel, zeta: float = 0.0, normalize: str = "count") -> Callable[..., Any]:
-        """vmap(grad) of the masked, weighted loss over a (K, d) parameter matrix (built once per
-        model and loss)."""
+        """vmap(grad) of the masked, weighted loss over a (K, d) parameter matrix: the (K, d)
+        gradient matrix and (per-node loss, logits)."""
+        fm, batched, from_one = self._vector_parts(model, zeta, normalize)
+
+        def step(P: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, A: torch.Tensor) -> Any:
+            if P.shape[0] > 0 and P.stride(0) == 0:  # one model for all rows
+                grads, aux = from_one(fm.one(P[0]), X, Y, M, A)
+            else:
+                grads, aux = batched(fm.views(P), X, Y, M, A)
+            return fm.flat(grads), aux
+
+        return step
+
+    def _vector_parts(self, model: FlatModel, zeta: float = 0.0, normalize: str = "count") -> tuple[Any, Any, Any]:
+        """The model's `FunctionalModel`, vmap(grad) of the loss over per-parameter (K, *shape)
+        views, and the same for one model shared by the K nodes (per-node gradients of one
+        model; built once per model and loss)."""
         cache = self.__dict__.setdefault("_vector_grads", {})
         key = (id(model), float(zeta), normalize)
         if key not in cache:
@@ -252,7 +303,9 @@ class LocalSGD(ClientUpdate):
 
             fm = FunctionalModel(model)
 
-            def one(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, a: torch.Tensor) -> Any:
+            def one(
+                p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, a: torch.Tensor
+            ) -> Any:
                 logits = fm.logits(p, x)
                 terms = self.terms(logits, y)
                 if zeta:
@@ -261,8 +314,9 @@ class LocalSGD(ClientUpdate):
                 w = m * (a[y] if a.shape[0] > 1 else a[0])
                 return (terms * w).sum() / (w.sum() if normalize == "weights" else m.sum()), logits
 
-            cache[key] = (model, vmap(grad_and_value(one, has_aux=True)))
-        return cache[key][1]
+            both = grad_and_value(one, has_aux=True)
+            cache[key] = (model, fm, vmap(both), vmap(both, in_dims=(None, 0, 0, 0, 0)))
+        return cache[key][1], cache[key][2], cache[key][3]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -3,6 +3,7 @@ reusing one model object. The local executor and every Ray actor run this same c
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -257,7 +258,11 @@ class NodeWorker:
             for i, data in enumerate(datas):
                 cohorts.setdefault(update.steps(len(data)), []).append(i)
             for members in cohorts.values():
-                starts = torch.stack([self.start_of(block[i], params) for i in members])
+                if params is not None and all(block[i].start is None for i in members):
+                    starts = params.expand(len(members), -1)  # one model for all: no copies
+                else:
+                    starts = torch.stack([self.start_of(block[i], params) for i in members])
+
                 try:
                     out = update.cohort(
                         self.model,
@@ -293,6 +298,8 @@ class NodeWorker:
         uplink = self.spec.uplink if self.spec.uplink is not None and self.spec.uplink.active else None
         messages, counts, metrics, states, nbytes = [], [], [], [], []
         sums: dict[int, list[Any]] = {}
+        pending: list[tuple[NodeTask, torch.Tensor, float]] = []  # the current summed block's rows
+
         reports: set[bool] = set()
         t0 = time.perf_counter()
         for task, ctx, result in self.train(params, round_, tasks, broadcast):
@@ -301,6 +308,9 @@ class NodeWorker:
                 message, row_bytes, node_metrics = result.message, result.nbytes, dict(result.metrics)
                 uplink_state = old.get("uplink")
                 if uplink is not None and not result.report:
+                    if message._base is not None:  # a row of a cohort's matrix: an encoder may keep it
+                        message = message.clone()
+
                     message, row_bytes, uplink_state, extra = uplink.encode(
                         message, uplink_state, ctx, self.layer_sizes
                     )
@@ -308,23 +318,22 @@ class NodeWorker:
             except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
 
-            if not torch.isfinite(message).all():
-                raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")
             if reduce is not None and not result.report:
-                w = reduce.weight(int(result.num_examples))
-                acc = sums.get(task.block)
-                if acc is None:
-                    sums[task.block] = [message.mul(w), w]  # w * m, as 0 + w * m would be
-                else:
-                    acc[0].add_(message, alpha=w)
-                    acc[1] += w
+                # summed: a block's rows are added up when the block is complete
+                if pending and pending[-1][0].block != task.block:
+                    sums[pending[-1][0].block] = block_sum(pending, round_)
+                    pending = []
+                pending.append((task, message, reduce.weight(int(result.num_examples))))
             else:
+                check_row(task, message, round_)
                 messages.append(message)
             counts.append(int(result.num_examples))
             metrics.append(node_metrics)
             states.append(node_state(result.state, uplink_state))
             nbytes.append(int(row_bytes) if row_bytes is not None else message.numel() * message.element_size())
             reports.add(bool(result.report))
+        if pending:
+            sums[pending[-1][0].block] = block_sum(pending, round_)
         if len(reports) > 1:
             raise ValueError(f"round {round_} mixes reports and model updates; a strategy sends one kind per round")
         summed = reduce is not None and reports != {True}
@@ -339,6 +348,48 @@ class NodeWorker:
             report=reports == {True},
             sums=[BlockSum(b, total, w) for b, (total, w) in sorted(sums.items())] if summed else None,
         )
+
+
+def check_row(task: NodeTask, message: torch.Tensor, round_: int) -> None:
+    """A message with NaN or Inf is the node's error. NaN and Inf reach the sum (one pass, no
+    (d,) temporary); a finite row whose sum overflows is told apart by the full check."""
+    if not math.isfinite(float(message.sum())) and not bool(torch.isfinite(message).all()):
+        raise NodeError(task.node_id, round_, "update contains NaN or Inf (lower the learning rate?)")
+
+
+def block_sum(pending: Sequence[tuple[NodeTask, torch.Tensor, float]], round_: int) -> list[Any]:
+    """[sum of w * message, sum of w] over a block's rows, in node order: row after row, or one
+    matrix-vector product for a run of rows that are consecutive rows of one matrix (a cohort's
+    messages). NaN and Inf reach the sum, checked once; row by row only when it is not finite
+    (the first such node is named, as without summing)."""
+    total: torch.Tensor | None = None
+    i = 0
+    while i < len(pending):
+        j = i + 1
+        m = pending[i][1]
+        base, d = m._base, m.numel()
+        if base is not None and m.is_contiguous():
+            while (
+                j < len(pending)
+                and pending[j][1]._base is base
+                and pending[j][1].is_contiguous()
+                and pending[j][1].storage_offset() == m.storage_offset() + (j - i) * d
+            ):
+                j += 1
+        if j - i > 1:
+            rows = m.as_strided((j - i, d), (d, 1))
+            part = torch.tensor([w for _, _, w in pending[i:j]], dtype=m.dtype) @ rows
+            total = part if total is None else total.add_(part)
+        elif total is None:
+            total = m.mul(pending[i][2])  # w * m, as 0 + w * m would be
+        else:
+            total.add_(m, alpha=pending[i][2])
+        i = j
+    assert total is not None
+    if not math.isfinite(float(total.sum())):
+        for task, message, _ in pending:
+            check_row(task, message, round_)
+    return [total, sum(w for _, _, w in pending)]
 
 
 def node_state(client: NodeState | None, uplink: NodeState | None) -> NodeState | None:
