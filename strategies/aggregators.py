@@ -369,9 +369,13 @@ class Meamed(Rule):
             drop_right = right >= left
             hi -= drop_right.to(torch.int64)
             lo += (~drop_right).to(torch.int64)
-        rows = torch.arange(n).unsqueeze(1)
-        keep = (rows >= lo) & (rows <= hi)
-        return torch.where(keep, S, torch.zeros((), dtype=S.dtype)).sum(dim=0) / (n - self.f)
+        # rows f .. n-1-f are in every window; of the f rows at either end, those inside it
+        total = S[self.f : n - self.f].sum(dim=0)
+        zero = torch.zeros((), dtype=S.dtype)
+        for i in range(self.f):
+            total += torch.where(lo <= i, S[i], zero)
+            total += torch.where(hi >= n - 1 - i, S[n - 1 - i], zero)
+        return total / (n - self.f)
 
 
 class NNA(Rule):

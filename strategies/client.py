@@ -443,8 +443,10 @@ class WorkerMomentum(LocalSGD):
             return out
         batches = [datas[k].take(next(self._batches(sizes[k], ctxs[k].generator()))) for k in live]
         X, Y, M = _padded(batches)
-        P = starts[live]
+        shared = starts.stride(0) == 0 and len(live) == K  # one model for all: stays one row
+        P = starts if shared else starts[live]
         G, (loss, logits) = self._vector_grad(model)(P, X, Y, M, torch.ones(len(live), 1))
+
         with torch.no_grad():
             if self.weight_decay:
                 G.add_(P, alpha=self.weight_decay)

@@ -205,6 +205,27 @@ BYZFL_SEARCH = {"search": "byzfl", "objective": "node0", "delta": 10.0, "budget"
 declare its own (``Strategy.attack_defaults``)."""
 
 
+def _expand(
+    objective: Callable[[float], float], start: float, delta: float, budget: int, ratio: float
+) -> tuple[float, float, int, float, float]:
+    """The expansion both searches share: from ``start``, try best + delta, doubling delta while
+    the objective improves; at the first failure delta *= ratio. Returns (best point, its value,
+    evaluations spent, last point tried, delta)."""
+    best_x, best = start, objective(start)
+    evals, x = 1, start
+    while evals < budget:
+        x = best_x + delta
+        value = objective(x)
+        evals += 1
+        if value > best:
+            best_x, best = x, value
+            delta *= 2.0
+        else:
+            delta *= ratio
+            break
+    return best_x, best, evals, x, delta
+
+
 def line_maximize(
     objective: Callable[[float], float],
     *,
@@ -219,18 +240,7 @@ def line_maximize(
     best + delta and shrink delta by ``ratio`` after each try, until ``budget`` evaluations in
     all. ``below=True`` (an extension of ours, not a published search) also tries best - delta
     in the contraction, never below 0."""
-    best_x, best = start, objective(start)
-    evals = 1
-    while evals < budget:
-        x = best_x + delta
-        value = objective(x)
-        evals += 1
-        if value > best:
-            best_x, best = x, value
-            delta *= 2.0
-        else:
-            delta *= ratio
-            break
+    best_x, best, evals, _, delta = _expand(objective, start, delta, budget, ratio)
     while evals < budget:
         for x in (best_x + delta, best_x - delta) if below else (best_x + delta,):
             if evals >= budget or x < 0:
@@ -257,18 +267,7 @@ def line_maximize_monna(
     steps up by delta when that point lies below the best, else down by delta (halving the way
     back towards it while that would go below 0); every try shrinks delta by ``ratio``. The
     result is the best point tried."""
-    best_x, best = start, objective(start)
-    evals, x = 1, start
-    while evals < budget:
-        x = best_x + delta
-        value = objective(x)
-        evals += 1
-        if value > best:
-            best_x, best = x, value
-            delta *= 2.0
-        else:
-            delta *= ratio
-            break
+    best_x, best, evals, x, delta = _expand(objective, start, delta, budget, ratio)
     while evals < budget:
         if x < best_x:
             x += delta

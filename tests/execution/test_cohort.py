@@ -45,7 +45,9 @@ def compare(update, sizes, *, states=None, rtol=1e-5, atol=1e-6, same_start=True
     base = model.vector()
     K = len(sizes)
     noise = 0.01 * torch.randn(K, base.numel(), generator=torch.Generator().manual_seed(0))
-    starts = base.expand(K, -1).clone() if same_start else base + noise
+    # "shared": one row expanded (what the worker passes in a synchronous round: the first step
+    # then runs the one model unbatched); True: K equal copies; False: K different models
+    starts = {"shared": base.clone().expand(K, -1), True: base.expand(K, -1).clone()}.get(same_start, base + noise)
     datas = digits_nodes(sizes)
     states = states if states is not None else [None] * K
     ctxs = [ClientContext(round=2, node_id=10 + k, seed=5, num_classes=10) for k in range(K)]
@@ -78,6 +80,7 @@ def test_a_cohort_of_local_sgd_nodes_matches_one_at_a_time(update):
     sizes = [13, 15, 16, 9] if update.local_steps is None else [7, 3, 30, 12]
     sizes = [n for n in sizes if update.steps(n) == update.steps(sizes[0])] or sizes[:1]
     compare(update, sizes, same_start=False)
+    compare(update, sizes, same_start="shared")
 
 
 def test_a_cohort_handles_nodes_without_data():
@@ -96,6 +99,8 @@ def test_a_cohort_of_worker_momentum_nodes_matches_one_at_a_time():
     for kwargs in ({}, {"lr": 0.5, "lr_decay": 50}, {"l2_norm": 0.1, "weight_decay": 0.01, "grad_clip": 0.5}):
         update = WorkerMomentum(batch_size=8, beta=0.9, **kwargs)
         seq, vec = compare(update, [20, 12, 30], states=old)
+        compare(update, [20, 12, 30], states=old, same_start="shared")
+
         for a, b in zip(seq, vec):
             assert torch.allclose(a.state["momentum"], b.state["momentum"], rtol=1e-5, atol=1e-6)
 
