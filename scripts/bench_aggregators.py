@@ -7,6 +7,7 @@ d = 1,000,000, f = 10), one thread or all, and print a table.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from strategies.preaggregators import PRE_AGGREGATORS, build_chain
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's packages and its Hydra plugins (the sweeper)
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from strategies.preaggregators import PRE_AGGREGATORS, build_chain  # noqa: E402
+
+CONF = ROOT / "conf"
 
 
 def main() -> None:
