@@ -53,6 +53,11 @@ class PersistentMap(Mapping[int, Any]):
         yield from self._base
         yield from (k for k in self._top if k not in self._base)
 
+    @classmethod
+    def of(cls, items: Mapping[int, Any]) -> PersistentMap:
+        """``items`` itself when it is one already, else a new map of them."""
+        return items if isinstance(items, PersistentMap) else cls(items)
+
     def get(self, key: int, default: Any = None) -> Any:
         top = self._top
         if key in top:
@@ -102,8 +107,7 @@ class RunState:
     """The server loop's own state (`fedsim.server.async_server.AsyncState`; None for the others)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node_states, PersistentMap):
-            self.node_states = PersistentMap(self.node_states)
+        self.node_states = PersistentMap.of(self.node_states)
 
     def replace(self, **changes: Any) -> RunState:
         return dataclasses.replace(self, **changes)
@@ -112,7 +116,6 @@ class RunState:
         """A plain dict (tensors, arrays, numbers, dicts) suitable for ``torch.save``."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["node_states"] = dict(self.node_states.items())
-
         server = out["server_state"]
         if dataclasses.is_dataclass(server) and not isinstance(server, type):
             out["server_state"] = {"type": type(server).__name__, **dataclasses.asdict(server)}

@@ -79,7 +79,6 @@ class Uplink:
             return {"h": torch.zeros_like(params), "node_weights": torch.from_numpy(w / w.sum())}
         if mode == "per_node":
             return {"h": PersistentMap()}
-
         return {}
 
     def decode(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
@@ -87,7 +86,7 @@ class Uplink:
         its row becomes h_i. Other modes and reports: unchanged."""
         if batch.report or "h" not in state or not isinstance(state["h"], Mapping) or len(batch) == 0:
             return batch, state
-        h = state["h"] if isinstance(state["h"], PersistentMap) else PersistentMap(state["h"])
+        h = PersistentMap.of(state["h"])
         changes: dict[int, torch.Tensor] = {}
         rows = []
         for nid, delta in zip(batch.node_ids.tolist(), batch.messages):

@@ -24,7 +24,6 @@ for nodes that have sent: at most 4 N d bytes, e.g. 250 nodes x 50,890 parameter
 10,000 nodes x 100,000 = 4 GB) and their running sum (float64, ``state["stored_sum"]``), so a
 round touches only its participants' rows. FedAU holds three numbers per node.
 
-
 The estimator (FedAU, Algorithm 1 of the paper; kept for every weighting so that its weights can
 be logged and compared): per node a counter c_n of rounds since the last participation, and the
 running mean w_n of M_n recorded intervals. A participant records the interval c_n + 1 and resets

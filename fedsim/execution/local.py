@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.data.base import FederatedData
-from fedsim.execution.worker import NodeTask, NodeWorker, Reduce, RoundResult, WorkerSpec, in_blocks, vectorized
+from fedsim.execution.worker import NodeTask, NodeWorker, Reduce, RoundResult, WorkerSpec, round_tasks, vectorized
 
 
 class LocalExecutor:
@@ -33,9 +33,7 @@ class LocalExecutor:
         reduce: Reduce | None = None,
     ) -> RoundResult:
         threads = torch.get_num_threads()
-        blocked = reduce is not None or self.spec.blocked
-        ordered = in_blocks(tasks, self.spec.block) if blocked else list(tasks)
-
+        ordered, _ = round_tasks(self.spec, tasks, reduce)
         try:
             return RoundResult.merge([self.worker.run(params, round_, ordered, broadcast, reduce)])
         finally:

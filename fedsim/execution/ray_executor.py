@@ -33,7 +33,7 @@ from fedsim.execution.worker import (
     WorkerSpec,
     assign_blocks,
     assign_lpt,
-    in_blocks,
+    round_tasks,
     vectorized,
 )
 
@@ -255,12 +255,9 @@ class RayExecutor:
     ) -> RoundResult:
         import ray
 
-        blocked = reduce is not None or self.spec.blocked
-        if blocked:
-            tasks = in_blocks(tasks, self.spec.block)
+        tasks, blocked = round_tasks(self.spec, tasks, reduce)
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
         plan = (assign_blocks if blocked else assign_lpt)(tasks, work, self.num_workers)
-
         params_ref = ray.put(params)
         pending = {i: (self.actors[i], part) for i, part in enumerate(plan) if part}
         futures = {

@@ -39,7 +39,7 @@ class WorkerSpec:
     @property
     def block(self) -> int:
         """Tasks per block (blocks stay on one worker): the cohort size when vectorised, else `BLOCK`."""
-        return self.cohort if self.vectorize and self.client_update.vectorizable else BLOCK
+        return self.cohort if self.blocked else BLOCK
 
     @property
     def blocked(self) -> bool:
@@ -61,13 +61,14 @@ BLOCK = 16
 @dataclass(frozen=True)
 class Reduce:
     """Sum the rows where they are produced instead of shipping them, for a step that depends on
-    them only through their weighted mean (a ``linear`` strategy, see `fedsim.contract.Capabilities`).
+       them only through their weighted mean (a ``linear`` strategy, see `fedsim.contract.Capabilities`).
 
-    The round's tasks, sorted by node id, are cut into blocks of `BLOCK` consecutive tasks (task
-    ``p`` is in block ``p // BLOCK``); each block runs on one worker, which returns the block's
-    sum of w_i m_i (float32, accumulated in node order) and of w_i, with w_i the node's examples
-    (``weighted``) or 1 per node with data. The server adds the block sums in block order. The
-    blocks do not depend on how many workers there are, so neither do the results."""
+       The round's tasks, sorted by node id, are cut into blocks of `WorkerSpec.block` consecutive
+       tasks (`BLOCK`, or the cohort size when vectorised; see `round_tasks`); each block runs on one worker,
+    which returns the block's
+       sum of w_i m_i (float32, accumulated in node order) and of w_i, with w_i the node's examples
+       (``weighted``) or 1 per node with data. The server adds the block sums in block order. The
+       blocks do not depend on how many workers there are, so neither do the results."""
 
     weighted: bool
 
@@ -407,6 +408,13 @@ def in_blocks(tasks: Sequence[NodeTask], size: int = BLOCK) -> list[NodeTask]:
     """The tasks sorted by node id, each marked with its block (position // ``size``)."""
     ordered = sorted(tasks, key=lambda t: t.node_id)
     return [replace(t, block=p // size) for p, t in enumerate(ordered)]
+
+
+def round_tasks(spec: WorkerSpec, tasks: Sequence[NodeTask], reduce: Reduce | None) -> tuple[list[NodeTask], bool]:
+    """What an executor runs: (the tasks, whether they are in blocks that must stay on one
+    worker): in blocks when the round is summed (`Reduce`) or vectorised, else as given."""
+    blocked = reduce is not None or spec.blocked
+    return (in_blocks(tasks, spec.block) if blocked else list(tasks)), blocked
 
 
 def assign_blocks(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:

@@ -234,7 +234,6 @@ class _Loop:
                     job.metrics = result.metrics[i]
                     job.nbytes = row_bytes[i]
                 self.state.node_states = merge_node_states(self.state.node_states, result)
-
             pending = later
         self.train_s += time.perf_counter() - t0
 

@@ -83,8 +83,7 @@ def broadcast_bytes(extra: dict[str, Any] | None) -> int:
 def merge_node_states(old: Mapping[int, Any], result: RoundResult) -> PersistentMap:
     """The per-node states after a round: the nodes that ran replace theirs (the old map is
     kept as it was; the cost is the round's nodes, not all nodes)."""
-    base = old if isinstance(old, PersistentMap) else PersistentMap(old)
-    return base.updated({nid: s for nid, s in zip(result.node_ids, result.states) if s is not None})
+    return PersistentMap.of(old).updated({nid: s for nid, s in zip(result.node_ids, result.states) if s is not None})
 
 
 def add_totals(totals: dict[str, float], **amounts: float) -> dict[str, float]:
