@@ -234,8 +234,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return float(acc) if isinstance(acc, (int, float)) else None
 
 
+def _register_plugins() -> None:
+    """fedsim's sweeper and launcher, registered by hand as well: Hydra finds plugins by listing
+    the ``hydra_plugins`` namespace package's folders, which setuptools' default editable install
+    (``pip install -e .``) hides behind an import hook, so outside the checkout the scan misses
+    them and ``hydra/sweeper=fedsim`` (the default) would not exist."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.fedsim_plugins.launcher import RayLauncher  # importing the package stores their configs
+    from hydra_plugins.fedsim_plugins.sweeper import FedsimSweeper
+
+    for plugin in (FedsimSweeper, RayLauncher):
+        Plugins.instance().register(plugin)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _register_plugins()
+
     if _is_plain_run(argv):
         _preflight(argv)
     sys.argv = [sys.argv[0], *argv]

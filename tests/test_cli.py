@@ -213,3 +213,33 @@ def test_vrls_headline_command_on_cifar10_files(tmp_path):
     assert [r["vrls/phase"] for r in rounds] == [0, 0, 0, 1, 1, 2, 3, 3]
     assert records[0]["config"]["num_nodes"] == 20 and records[-1]["rounds"] == 8
     assert "eval/node_acc_mean" in records[-1] and "vrls/ratio_mse_mean" in rounds[6]
+
+
+def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
+    """As an installed user runs it: another working folder and no PYTHONPATH, so Hydra's plugin
+    scan alone would not see the checkout's hydra_plugins under setuptools' default editable
+    install; the default sweeper and launcher must be there anyway."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["WANDB_SILENT"] = "true"
+    base = [sys.executable, "-m", "fedsim"]
+    common = ["rounds=1", "cluster=local", "logger=jsonl"]
+    plain = subprocess.run(
+        [*base, *common, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["event"] == "run_end"
+    sweep = subprocess.run(
+        [*base, "-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    assert "2 of 2 jobs done" in sweep.stderr
