@@ -177,6 +177,35 @@ def _preflight(argv: list[str]) -> None:
         _fail(problem, 2)
 
 
+def _sweep_precheck(argv: list[str]) -> None:
+    """A sweep (``-m``) whose overrides cannot even compose (an unknown key, a missing group
+    option) fails as one line, exit 2, before Hydra prints its own several-line message: the
+    config is composed with the first value of every swept key. Bad values in some jobs only
+    are the sweeper's to report, job by job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its position
+        return
+    first: list[str] = [
+        str(o.input_line) if not o.is_sweep_override() else f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+        for o in parsed
+    ]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=first)
+    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
+        _fail(one_line(exc), 2)
+
+
+def _is_sweep(argv: list[str]) -> bool:
+    flags = [a for a in argv if a.startswith("-")]
+    return bool(flags) and all(a in ("-m", "--multirun") for a in flags)
+
+
 def _is_plain_run(argv: list[str]) -> bool:
     return not any(a.startswith("-") for a in argv)
 
@@ -254,5 +283,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if _is_plain_run(argv):
         _preflight(argv)
+    elif _is_sweep(argv):
+        _sweep_precheck(argv)
+
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()

@@ -243,3 +243,19 @@ def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
     )
     assert sweep.returncode == 0, sweep.stderr
     assert "2 of 2 jobs done" in sweep.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["seed=0,1", "cluster=local", "cluster.num_cpus=2"], "there is no option 'cluster.num_cpus'"),
+        (["seed=0,1", "model=nope"], "Could not find 'model/nope'"),
+        (["experiment=fedau_fmnist", "seed=0", "variant=nope"], "no variant nope in this sweep"),
+    ],
+)
+def test_a_sweep_that_cannot_compose_is_one_line_and_exit_code_2(args, needle, tmp_path):
+    run = fedsim("-m", *args, "rounds=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedsim: error:") and needle in lines[0], run.stderr
+    assert not (tmp_path / "sweep").exists()

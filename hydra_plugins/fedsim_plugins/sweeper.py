@@ -121,7 +121,12 @@ class FedsimSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        swept, jobs, common = self.grid(arguments)
+        try:
+            swept, jobs, common = self.grid(arguments)
+        except ValueError as exc:  # the sweep itself is malformed (e.g. an unknown variant): a usage error
+            print(f"fedsim: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         todo: list[list[str]] = []
         labels: list[str] = []
