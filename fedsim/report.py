@@ -12,7 +12,10 @@ It reads every run's ``metrics.jsonl`` (and the sweep's ``sweep.json``, or each 
 - ``<metric>.png``: the metric against rounds, simulated time or uplink bytes, one line per group
   (the mean over seeds) with a band of ± one standard deviation.
 
-``--columns KEY`` lays the first metric and statistic out as a matrix, the values of KEY as columns.
+``--metric NAME:STAT`` gives that metric only the statistics named so (``rounds:final``), the others
+get ``--stat``. ``--columns KEY`` lays the first metric and statistic out as a matrix, the values of
+KEY as columns.
+
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class Cell:
     def text(self, digits: int, *, reached: bool = False) -> str:
         ok = self.ok
         if reached:
-            return f"{np.mean(ok):.6g} ({len(ok)}/{len(self.values)})" if ok else f"- (0/{len(self.values)})"
+            return f"{np.mean(ok):.{digits}g} ({len(ok)}/{len(self.values)})" if ok else f"- (0/{len(self.values)})"
+
         if not ok:
             return "-"
         return f"{np.mean(ok):.{digits}f} ± {np.std(ok):.{digits}f} ({len(ok)})"
@@ -177,7 +181,8 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
         col_key = args.columns
         row_keys = [k for k in group_keys if k != col_key]
         cols = sorted({r.values.get(col_key, "") for r in runs}, key=lambda v: order(col_key, v))
-        metric, stat = args.metric[0], args.stat[0]
+        metric = args.metric[0]
+        stat = args.pinned.get(metric, args.stat)[0]
         md.append(f"## {metric}, {stat}")
         md.append("")
         md.append("| " + " | ".join([*row_keys, *[f"{col_key}={c}" for c in cols]]) + " |")
@@ -194,7 +199,9 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
         md.append("")
     else:
         header = list(group_keys)
-        columns: list[tuple[str, str, float | None]] = [(m, s, None) for m in args.metric for s in args.stat]
+        columns: list[tuple[str, str, float | None]] = [
+            (m, s, None) for m in args.metric for s in args.pinned.get(m, args.stat)
+        ]
         columns += [(args.metric[0], "reach", t) for t in args.target]
         names = [f"{m} {s}" if t is None else f"{args.x} to {m} ≥ {t:g}" for m, s, t in columns]
         md.append("| " + " | ".join([*header, *names]) + " |")
@@ -313,7 +320,9 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fedsim.report", description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or run folders")
-    ap.add_argument("--metric", nargs="+", default=["eval/acc"])
+    ap.add_argument(
+        "--metric", nargs="+", default=["eval/acc"], help="metrics; NAME:STAT gives NAME that statistic only"
+    )
     ap.add_argument("--stat", nargs="+", default=["final", "best"], help="final, best, last:K")
     ap.add_argument("--target", nargs="*", type=float, default=[], help="values of the first metric to reach")
     ap.add_argument("--x", choices=list(X_KEYS), default="round", help="x axis of plots and targets")
@@ -328,9 +337,20 @@ def main(argv: list[str] | None = None) -> None:
         "--where", nargs="*", default=[], metavar="KEY=VALUES", help="keep runs whose KEY is one of VALUES (a,b)"
     )
     args = ap.parse_args(argv)
-    for stat in args.stat:
+    args.pinned = {}
+    metrics = []
+    for entry in args.metric:
+        name, sep, stat = entry.partition(":")
+        if sep:
+            args.pinned.setdefault(name, []).append(stat)
+        if name not in metrics:
+            metrics.append(name)
+    args.metric = metrics
+    asked = [(f"--stat {s}", s) for s in args.stat]
+    asked += [(f"--metric {m}:{s}", s) for m, stats in args.pinned.items() for s in stats]
+    for where, stat in asked:
         if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit()):
-            ap.error(f"--stat {stat}: use final, best or last:K")
+            ap.error(f"{where}: the statistic is final, best or last:K")
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         ap.error(f"no such folder: {missing[0]}")

@@ -186,6 +186,31 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     assert "strategy.client.lr" in (d / "report.md").read_text()
     assert (d / "eval_acc_vs_bytes.png").stat().st_size > 10_000
 
+    def report(*args):
+        return subprocess.run(
+            [*cli()[:2], "fedsim.report", str(d), *args],
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    # NAME:STAT pins a metric's statistics; the others take --stat
+    out = report("--metric", "eval/acc", "comm/bytes_up_total:final", "--stat", "best", "last:2", "--name", "pinned")
+    assert out.returncode == 0, out.stderr
+    pinned = list(csv.DictReader((d / "pinned.csv").open()))
+    assert {(r["metric"], r["stat"]) for r in pinned} == {
+        ("eval/acc", "best"),
+        ("eval/acc", "last:2"),
+        ("comm/bytes_up_total", "final"),
+    }
+    header = (d / "pinned.md").read_text().splitlines()[4]
+    assert "comm/bytes_up_total final" in header and "comm/bytes_up_total best" not in header
+    bad = report("--metric", "eval/acc:top", "--name", "bad")
+    assert bad.returncode == 2 and "--metric eval/acc:top: the statistic is final, best or last:K" in bad.stderr
+
+
 
 def experiment_jobs(name: str) -> list[list[str]]:
     """Every job of ``experiment=name`` as the sweeper makes it: the overrides of each job."""
