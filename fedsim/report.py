@@ -274,7 +274,30 @@ def _orderer(runs: list[Run]) -> Callable[[str, str], tuple[int, Any]]:
     return key_of
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styles(labels: list[tuple[tuple[str, str], ...]]) -> dict[tuple[tuple[str, str], ...], tuple[str, str]]:
+    """A colour and a line style per group, so that no two groups look alike (up to 40 groups).
+
+    With two or more grouping keys whose first key takes at most 4 values and the others at most 10
+    combinations, the first key picks the line style and the rest the colour (latency 0 solid,
+    latency 80 dashed, one colour per method); otherwise colours cycle and the style changes every
+    10 groups."""
+    firsts = list(dict.fromkeys(label[0][1] for label in labels if label))
+    rests = list(dict.fromkeys(label[1:] for label in labels))
+    split = bool(labels) and len(labels[0]) >= 2 and len(firsts) <= len(LINESTYLES) and len(rests) <= 10
+    styles = {}
+    for i, label in enumerate(labels):
+        if split:
+            styles[label] = (f"C{rests.index(label[1:])}", LINESTYLES[firsts.index(label[0][1])])
+        else:
+            styles[label] = (f"C{i % 10}", LINESTYLES[(i // 10) % len(LINESTYLES)])
+    return styles
+
+
 def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> list[Path]:
+
     order = _orderer(runs)
     import matplotlib
 
@@ -282,12 +305,12 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
     import matplotlib.pyplot as plt
 
     paths = []
+    groups = sorted(group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
+    style = _styles([label for label, _ in groups])
     for metric in args.metric:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         drawn = 0
-        for label, members in sorted(
-            group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
-        ):
+        for label, members in groups:
             curves = [r.series(metric, args.x) for r in members]
             curves = [(x, y) for x, y in curves if len(y) > 1]
             if not curves:
@@ -296,7 +319,9 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
             xs = np.mean([x[:n] for x, _ in curves], axis=0)
             ys = np.array([y[:n] for _, y in curves])
             mean, std = ys.mean(0), ys.std(0)
-            (line,) = ax.plot(xs, mean, label=f"{label_text(label)} ({len(curves)})")
+            color, dashes = style[label]
+            (line,) = ax.plot(xs, mean, color=color, linestyle=dashes, label=f"{label_text(label)} ({len(curves)})")
+
             ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=line.get_color())
             drawn += 1
         if not drawn:

@@ -211,7 +211,6 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     assert bad.returncode == 2 and "--metric eval/acc:top: the statistic is final, best or last:K" in bad.stderr
 
 
-
 def experiment_jobs(name: str) -> list[list[str]]:
     """Every job of ``experiment=name`` as the sweeper makes it: the overrides of each job."""
     from hydra import compose, initialize_config_dir
@@ -272,3 +271,17 @@ def test_variant_on_the_command_line_picks_variants():
     assert [dict(j)["variant"] for j in picked] == ["fedau", "mifa"] * 3
     with pytest.raises(ValueError, match="no variant nope"):
         sweeper.grid(["variant=nope"])
+
+
+def test_report_plots_give_every_group_its_own_colour_and_line_style():
+    from fedsim.report import _styles
+
+    two_keys = [(("latency", s), ("variant", v)) for s in ("0", "80") for v in "abcdef"]
+    styles = _styles(two_keys)
+    assert len(set(styles.values())) == 12
+    assert {styles[(("latency", "0"), ("variant", v))][1] for v in "abcdef"} == {"-"}
+    assert styles[(("latency", "0"), ("variant", "c"))][0] == styles[(("latency", "80"), ("variant", "c"))][0]
+    one_key = [(("variant", str(i)),) for i in range(25)]
+    assert len(set(_styles(one_key).values())) == 25
+    many = [(("a", str(i)), ("b", str(j))) for i in range(5) for j in range(3)]  # 5 > 4 styles: cycle
+    assert len(set(_styles(many).values())) == 15
