@@ -141,13 +141,20 @@ class Cell:
         return [v for v in self.values if math.isfinite(v)]
 
     def text(self, digits: int, *, reached: bool = False) -> str:
+        """``mean ± std (n)``; counts (rounds, bytes: every value whole) in whole numbers with
+        thousands separators, others to ``digits`` decimals (or significant digits for a target)."""
         ok = self.ok
-        if reached:
-            return f"{np.mean(ok):.{digits}g} ({len(ok)}/{len(self.values)})" if ok else f"- (0/{len(self.values)})"
+        whole = bool(ok) and all(float(v).is_integer() for v in ok)
 
+        def num(v: float, fmt: str) -> str:
+            return f"{v:,.0f}" if whole and float(v).is_integer() else f"{v:,.1f}" if whole else format(v, fmt)
+
+        if reached:
+            n = f"({len(ok)}/{len(self.values)})"
+            return f"{num(float(np.mean(ok)), f'.{digits}g')} {n}" if ok else f"- {n}"
         if not ok:
             return "-"
-        return f"{np.mean(ok):.{digits}f} ± {np.std(ok):.{digits}f} ({len(ok)})"
+        return f"{num(float(np.mean(ok)), f'.{digits}f')} ± {num(float(np.std(ok)), f'.{digits}f')} ({len(ok)})"
 
 
 def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple[tuple[str, str], ...], list[Run]]:

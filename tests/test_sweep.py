@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import signal
 import subprocess
 import threading
@@ -285,3 +286,15 @@ def test_report_plots_give_every_group_its_own_colour_and_line_style():
     assert len(set(_styles(one_key).values())) == 25
     many = [(("a", str(i)), ("b", str(j))) for i in range(5) for j in range(3)]  # 5 > 4 styles: cycle
     assert len(set(_styles(many).values())) == 15
+
+
+def test_report_cells_print_counts_as_whole_numbers_and_the_rest_to_the_digits_asked():
+    from fedsim.report import Cell
+
+    assert Cell([60.0, 60.0, 60.0]).text(4) == "60 ± 0 (3)"
+    assert Cell([12216000.0, 12216000.0]).text(4) == "12,216,000 ± 0 (2)"
+    assert Cell([1.0, 2.0]).text(4) == "1.5 ± 0.5 (2)"
+    assert Cell([0.5, 0.7, math.nan]).text(3) == "0.600 ± 0.100 (2)"
+    assert Cell([24.0, 26.0, 24.0]).text(4, reached=True) == "24.7 (3/3)"
+    assert Cell([12.7825, math.nan]).text(4, reached=True) == "12.78 (1/2)"
+    assert Cell([math.nan, math.nan]).text(4, reached=True) == "- (0/2)"
