@@ -315,7 +315,10 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
     groups = sorted(group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
     style = _styles([label for label, _ in groups])
     for metric in args.metric:
+        if metric == X_KEYS[args.x]:
+            continue  # the x axis against itself
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
+
         drawn = 0
         for label, members in groups:
             curves = [r.series(metric, args.x) for r in members]

@@ -198,7 +198,18 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
         )
 
     # NAME:STAT pins a metric's statistics; the others take --stat
-    out = report("--metric", "eval/acc", "comm/bytes_up_total:final", "--stat", "best", "last:2", "--name", "pinned")
+    out = report(
+        "--metric",
+        "eval/acc",
+        "comm/bytes_up_total:final",
+        "--stat",
+        "best",
+        "last:2",
+        "--x",
+        "bytes",
+        "--name",
+        "pinned",
+    )
     assert out.returncode == 0, out.stderr
     pinned = list(csv.DictReader((d / "pinned.csv").open()))
     assert {(r["metric"], r["stat"]) for r in pinned} == {
@@ -206,7 +217,11 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
         ("eval/acc", "last:2"),
         ("comm/bytes_up_total", "final"),
     }
+    assert (d / "pinned_eval_acc_vs_bytes.png").exists()
+    assert not (d / "pinned_comm_bytes_up_total_vs_bytes.png").exists()  # the x axis is not plotted against itself
+
     header = (d / "pinned.md").read_text().splitlines()[4]
+
     assert "comm/bytes_up_total final" in header and "comm/bytes_up_total best" not in header
     bad = report("--metric", "eval/acc:top", "--name", "bad")
     assert bad.returncode == 2 and "--metric eval/acc:top: the statistic is final, best or last:K" in bad.stderr
