@@ -304,46 +304,70 @@ def _styles(labels: list[tuple[tuple[str, str], ...]]) -> dict[tuple[tuple[str, 
 
 
 def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> list[Path]:
-
+    """One PNG per metric. With ``--columns KEY`` one panel per value of KEY (the table's layout),
+    the other keys' groups as lines; the legend goes beside the axes when it is long."""
     order = _orderer(runs)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    groups = sorted(group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
+    col_key = args.columns if args.columns in group_keys else None
+    line_keys = [k for k in group_keys if k != col_key]
+    panels = sorted({r.values.get(col_key, "") for r in runs}, key=lambda v: order(col_key, v)) if col_key else [None]
+    groups = sorted(group_runs(runs, line_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
     style = _styles([label for label, _ in groups])
+    paths = []
     for metric in args.metric:
         if metric == X_KEYS[args.x]:
             continue  # the x axis against itself
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-
-        drawn = 0
-        for label, members in groups:
-            curves = [r.series(metric, args.x) for r in members]
-            curves = [(x, y) for x, y in curves if len(y) > 1]
-            if not curves:
-                continue
-            n = min(len(y) for _, y in curves)
-            xs = np.mean([x[:n] for x, _ in curves], axis=0)
-            ys = np.array([y[:n] for _, y in curves])
-            mean, std = ys.mean(0), ys.std(0)
-            color, dashes = style[label]
-            (line,) = ax.plot(xs, mean, color=color, linestyle=dashes, label=f"{label_text(label)} ({len(curves)})")
-
-            ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=line.get_color())
-            drawn += 1
-        if not drawn:
+        ncols = min(len(panels), 3)
+        nrows = -(-len(panels) // ncols)
+        outside = len(groups) > 10 or col_key is not None  # the legend beside the axes, the figure wider
+        width = (7.5 if ncols == 1 else 4.2 * ncols) + (3.5 if outside else 0)
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(width, 4.8 if nrows == 1 else 3.6 * nrows),
+            sharey=True,
+            squeeze=False,
+            layout="constrained",
+        )
+        handles: dict[str, Any] = {}
+        for ax, panel in zip(axes.flat, panels, strict=False):
+            for label, members in groups:
+                if col_key:
+                    members = [r for r in members if r.values.get(col_key, "") == panel]
+                curves = [r.series(metric, args.x) for r in members]
+                curves = [(x, y) for x, y in curves if len(y) > 1]
+                if not curves:
+                    continue
+                n = min(len(y) for _, y in curves)
+                xs = np.mean([x[:n] for x, _ in curves], axis=0)
+                ys = np.array([y[:n] for _, y in curves])
+                mean, std = ys.mean(0), ys.std(0)
+                color, dashes = style[label]
+                name = f"{label_text(label)} ({len(curves)})" if not col_key else label_text(label)
+                (line,) = ax.plot(xs, mean, color=color, linestyle=dashes, label=name)
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=color)
+                handles.setdefault(name, line)
+            if col_key:
+                ax.set_title(f"{col_key}={panel}", fontsize=9)
+            ax.set_xlabel({"round": "round", "time": "simulated time", "bytes": "uplink bytes (cumulative)"}[args.x])
+            if args.logx:
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        if not handles:
             plt.close(fig)
             continue
-        ax.set_xlabel({"round": "round", "time": "simulated time", "bytes": "uplink bytes (cumulative)"}[args.x])
-        ax.set_ylabel(metric)
-        if args.logx:
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
+        for ax in axes[:, 0]:
+            ax.set_ylabel(metric)
+        if outside:
+            fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
+        else:
+            axes[0, 0].legend(fontsize=7, loc="best")
         prefix = "" if args.name == "report" else f"{args.name}_"
         path = args.out / f"{prefix}{metric.replace('/', '_')}_vs_{args.x}.png"
         fig.savefig(path, dpi=120)

@@ -223,7 +223,12 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     header = (d / "pinned.md").read_text().splitlines()[4]
 
     assert "comm/bytes_up_total final" in header and "comm/bytes_up_total best" not in header
+    cols = report("--columns", "strategy.client.lr", "--stat", "last:2", "--name", "cols")
+    assert cols.returncode == 0, cols.stderr
+    assert "| strategy.client.lr=0.05 | strategy.client.lr=0.2 |" in (d / "cols.md").read_text()
+    assert (d / "cols_eval_acc_vs_round.png").stat().st_size > 10_000  # one panel per column value
     bad = report("--metric", "eval/acc:top", "--name", "bad")
+
     assert bad.returncode == 2 and "--metric eval/acc:top: the statistic is final, best or last:K" in bad.stderr
 
 
