@@ -280,11 +280,9 @@ def _register_plugins() -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _register_plugins()
-
     if _is_plain_run(argv):
         _preflight(argv)
     elif _is_sweep(argv):
         _sweep_precheck(argv)
-
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()

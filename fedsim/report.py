@@ -15,7 +15,6 @@ It reads every run's ``metrics.jsonl`` (and the sweep's ``sweep.json``, or each 
 ``--metric NAME:STAT`` gives that metric only the statistics named so (``rounds:final``), the others
 get ``--stat``. ``--columns KEY`` lays the first metric and statistic out as a matrix, the values of
 KEY as columns.
-
 """
 
 from __future__ import annotations
@@ -147,7 +146,9 @@ class Cell:
         whole = bool(ok) and all(float(v).is_integer() for v in ok)
 
         def num(v: float, fmt: str) -> str:
-            return f"{v:,.0f}" if whole and float(v).is_integer() else f"{v:,.1f}" if whole else format(v, fmt)
+            if not whole:
+                return format(v, fmt)
+            return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
 
         if reached:
             n = f"({len(ok)}/{len(self.values)})"

@@ -223,24 +223,14 @@ def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
     env["WANDB_SILENT"] = "true"
     base = [sys.executable, "-m", "fedsim"]
     common = ["rounds=1", "cluster=local", "logger=jsonl"]
-    plain = subprocess.run(
-        [*base, *common, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=300,
-    )
+
+    def outside(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *args], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+
+    plain = outside(*common, f"hydra.run.dir={tmp_path / 'run'}")
     assert plain.returncode == 0, plain.stderr
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["event"] == "run_end"
-    sweep = subprocess.run(
-        [*base, "-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=300,
-    )
+    sweep = outside("-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert sweep.returncode == 0, sweep.stderr
     assert "2 of 2 jobs done" in sweep.stderr
 

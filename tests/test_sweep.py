@@ -151,14 +151,18 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     d = tmp_path / "sweep"
     done = sweep(*SMALL, "rounds=20", "seed=0,1,2", "strategy.client.lr=0.05,0.2", f"hydra.sweep.dir={d}")
     assert done.returncode == 0, done.stderr
-    out = subprocess.run(
-        [*cli()[:2], "fedsim.report", str(d), "--stat", "final", "best", "last:2", "--target", "0.5", "--x", "bytes"],
-        cwd=ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def report(*args):
+        return subprocess.run(
+            [*cli()[:2], "fedsim.report", str(d), *args],
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out = report("--stat", "final", "best", "last:2", "--target", "0.5", "--x", "bytes")
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader((d / "report.csv").open()))
     assert {r["strategy.client.lr"] for r in rows} == {"0.05", "0.2"} and "seed" not in rows[0]
@@ -186,16 +190,6 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
             assert float(row["mean"]) == pytest.approx(np.mean(hits))
     assert "strategy.client.lr" in (d / "report.md").read_text()
     assert (d / "eval_acc_vs_bytes.png").stat().st_size > 10_000
-
-    def report(*args):
-        return subprocess.run(
-            [*cli()[:2], "fedsim.report", str(d), *args],
-            cwd=ROOT,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
 
     # NAME:STAT pins a metric's statistics; the others take --stat
     out = report(

@@ -126,7 +126,6 @@ class FedsimSweeper(Sweeper):
         except ValueError as exc:  # the sweep itself is malformed (e.g. an unknown variant): a usage error
             print(f"fedsim: error: {exc}", file=sys.stderr)
             sys.exit(2)
-
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         todo: list[list[str]] = []
         labels: list[str] = []
