@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -172,7 +173,7 @@ def label_text(label: tuple[tuple[str, str], ...]) -> str:
 
 def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Path]:
     order = _orderer(runs)
-    group_keys = args.group_by or [k for k in keys if k != "seed"]
+    group_keys = [k for k in keys if k != "seed"] if args.group_by is None else args.group_by
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -377,8 +378,55 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
     return paths
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"fedsim.report: error: {message} (see python -m fedsim.report --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _logged(runs: list[Run]) -> set[str]:
+    """Every numeric metric that some run logs (per step or in its run_end record)."""
+    names: set[str] = set()
+    for run in runs:
+        for rec in [*run.records, run.end]:
+            names.update(k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return names - {"round"}
+
+
+def _check(ap: argparse.ArgumentParser, runs: list[Run], args: argparse.Namespace) -> list[Run]:
+    """Keep the runs ``--where`` selects; stop with one line at a key or metric that no run has."""
+    known = sorted({k for r in runs for k in r.values})
+    asked = [("--group-by", k) for k in args.group_by or []] + ([("--columns", args.columns)] if args.columns else [])
+    for cond in args.where:
+        key, sep, values = cond.partition("=")
+        if not sep:
+            ap.error(f"--where {cond}: use KEY=VALUE or KEY=A,B")
+        asked.append((f"--where {cond}", key))
+    for option, key in asked:
+        if key not in known:
+            ap.error(f"{option}: no run has the key {key!r}; the runs' keys: {', '.join(known) or 'none'}")
+    for cond in args.where:
+        key, _, values = cond.partition("=")
+        kept = [r for r in runs if r.values.get(key) in values.split(",")]
+        if not kept:
+            present = sorted({str(r.values.get(key)) for r in runs})
+            ap.error(f"--where {cond}: no run matches; {key} is one of {', '.join(present)}")
+        runs = kept
+    logged = _logged(runs)
+    for metric in args.metric:
+        if metric not in logged:
+            close = difflib.get_close_matches(metric, sorted(logged), n=3)
+            hint = (
+                f"did you mean {' or '.join(close)}?" if close else f"the runs log {', '.join(sorted(logged)[:12])} ..."
+            )
+            ap.error(f"--metric {metric}: no run logs it; {hint}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fedsim.report", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="python -m fedsim.report", description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or run folders")
     ap.add_argument(
         "--metric", nargs="+", default=["eval/acc"], help="metrics; NAME:STAT gives NAME that statistic only"
@@ -386,7 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stat", nargs="+", default=["final", "best"], help="final, best, last:K")
     ap.add_argument("--target", nargs="*", type=float, default=[], help="values of the first metric to reach")
     ap.add_argument("--x", choices=list(X_KEYS), default="round", help="x axis of plots and targets")
-    ap.add_argument("--group-by", nargs="*", default=None, help="keys to group by (default: every swept key but seed)")
+    ap.add_argument(
+        "--group-by",
+        nargs="*",
+        default=None,
+        help="keys to group by (default: every swept key but seed; none: pool all runs)",
+    )
     ap.add_argument("--columns", default=None, help="lay the first metric/stat out with this key's values as columns")
     ap.add_argument("--digits", type=int, default=4)
     ap.add_argument("--logx", action="store_true")
@@ -409,24 +462,16 @@ def main(argv: list[str] | None = None) -> None:
     asked = [(f"--stat {s}", s) for s in args.stat]
     asked += [(f"--metric {m}:{s}", s) for m, stats in args.pinned.items() for s in stats]
     for where, stat in asked:
-        if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit()):
-            ap.error(f"{where}: the statistic is final, best or last:K")
+        if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit() and int(stat[5:])):
+            ap.error(f"{where}: the statistic is final, best or last:K (K ≥ 1)")
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         ap.error(f"no such folder: {missing[0]}")
     runs, keys = load(args.paths)
-    for cond in args.where:
-        key, sep, values = cond.partition("=")
-        if not sep:
-            ap.error(f"--where {cond}: use KEY=VALUE or KEY=A,B")
-        runs = [r for r in runs if r.values.get(key) in values.split(",")]
-    keys = [k for k in keys if len({r.values.get(k) for r in runs}) > 1]
     if not runs:
-        print(
-            f"fedsim.report: error: no finished run (metrics.jsonl ending in run_end) under {args.paths[0]}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        ap.error(f"no finished run (metrics.jsonl ending in run_end) under {', '.join(map(str, args.paths))}")
+    runs = _check(ap, runs, args)
+    keys = [k for k in keys if len({r.values.get(k) for r in runs}) > 1]
     args.out = args.out or args.paths[0]
     for path in write(runs, keys, args):
         print(f"wrote {path}")

@@ -215,15 +215,29 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     assert not (d / "pinned_comm_bytes_up_total_vs_bytes.png").exists()  # the x axis is not plotted against itself
 
     header = (d / "pinned.md").read_text().splitlines()[4]
-
     assert "comm/bytes_up_total final" in header and "comm/bytes_up_total best" not in header
     cols = report("--columns", "strategy.client.lr", "--stat", "last:2", "--name", "cols")
     assert cols.returncode == 0, cols.stderr
     assert "| strategy.client.lr=0.05 | strategy.client.lr=0.2 |" in (d / "cols.md").read_text()
     assert (d / "cols_eval_acc_vs_round.png").stat().st_size > 10_000  # one panel per column value
-    bad = report("--metric", "eval/acc:top", "--name", "bad")
+    pooled = report("--group-by", "--stat", "final", "--name", "pooled")  # no key: every run in one group
+    assert pooled.returncode == 0, pooled.stderr
+    (row,) = list(csv.DictReader((d / "pooled.csv").open()))
+    assert int(row["n"]) == 6
 
-    assert bad.returncode == 2 and "--metric eval/acc:top: the statistic is final, best or last:K" in bad.stderr
+    # bad input: one line naming the option and what would work, exit 2, nothing written
+    for args, says in [
+        (["--metric", "eval/acc:top"], "--metric eval/acc:top: the statistic is final, best or last:K"),
+        (["--stat", "last:0"], "--stat last:0: the statistic is final, best or last:K"),
+        (["--metric", "eval/accuracy"], "--metric eval/accuracy: no run logs it; did you mean eval/acc"),
+        (["--group-by", "strategy.lr"], "--group-by: no run has the key 'strategy.lr'; the runs' keys: seed, strategy"),
+        (["--where", "strategy.client.lr=0.1"], "no run matches; strategy.client.lr is one of 0.05, 0.2"),
+        (["--x", "steps"], "argument --x: invalid choice: 'steps'"),
+    ]:
+        bad = report(*args, "--name", "bad")
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and says in lines[0], bad.stderr
+    assert not (d / "bad.md").exists()
 
 
 def experiment_jobs(name: str) -> list[list[str]]:
