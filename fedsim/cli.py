@@ -194,11 +194,29 @@ def _sweep_precheck(argv: list[str]) -> None:
         str(o.input_line) if not o.is_sweep_override() else f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
         for o in parsed
     ]
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    swept = [str(o.input_line) for o in parsed if o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
             compose(config_name="config", overrides=first)
-    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
-        _fail(one_line(exc), 2)
+        except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
+            _fail(one_line(exc), 2)
+        try:  # as Hydra composes a sweep's config once: the swept keys left out (their groups at the default)
+            compose(config_name="config", overrides=[str(o.input_line) for o in parsed if not o.is_sweep_override()])
+        except Exception as exc:  # noqa: BLE001
+            key, cause = "", exc
+            while cause is not None and not key:  # omegaconf names the key it could not set
+                key = str(getattr(cause, "full_key", "") or "")
+                cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+            if not key:
+                _fail(one_line(exc), 2)
+
+            value = next((o.value() for o in parsed if not o.is_sweep_override() and o.key_or_group == key), "VALUE")
+            _fail(
+                f"there is no option '{key}' before the sweep picks {' '.join(swept)} (Hydra applies the overrides "
+                f"that are not swept first, with every group at its default); write ++{key}={value} to set it in "
+                f"every job (adding it where an option lacks it)",
+                2,
+            )
 
 
 def _is_sweep(argv: list[str]) -> bool:

@@ -241,6 +241,8 @@ def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
         (["seed=0,1", "cluster=local", "cluster.num_cpus=2"], "there is no option 'cluster.num_cpus'"),
         (["seed=0,1", "model=nope"], "Could not find 'model/nope'"),
         (["experiment=fedau_fmnist", "seed=0", "variant=nope"], "no variant nope in this sweep"),
+        # a key of some options of a swept group: Hydra sets it before the group is picked
+        (["strategy=fedau,mifa", "strategy.log_weights_every=4"], "write ++strategy.log_weights_every=4"),
     ],
 )
 def test_a_sweep_that_cannot_compose_is_one_line_and_exit_code_2(args, needle, tmp_path):
