@@ -34,8 +34,10 @@ Metrics: ``fedau/weight_mean`` (mean weight applied to this round's participants
 ``fedau/estimate_mean``/``_min``/``_max`` over nodes with a recorded interval, and, every
 ``log_weights_every`` rounds, ``fedau/estimates`` (the list of all N current estimates, NaN
 where none is recorded yet). When the run's participation model exposes its true rates, also
-``fedau/estimate_rel_err``: the median over nodes of |w_n p_n - 1| (the rates are *not* used by
-the weighting, only by this diagnostic and by ``known_prob``).
+``fedau/estimate_rel_err``: the median over nodes of |w_n p_n - 1|, and beside the estimates the
+list ``fedau/rates`` of the true p_n (the rates are *not* used by the weighting, only by these
+diagnostics and by ``known_prob``; ``scripts/fedau_weights.py`` plots w_n against 1/p_n).
+
 """
 
 from __future__ import annotations
@@ -201,6 +203,8 @@ class FedAU(Strategy):
                 out["fedau/estimate_rel_err"] = float(np.median(np.abs(w[seen] * probs[seen] - 1.0)))
         if self.log_weights_every > 0 and (info.round + 1) % self.log_weights_every == 0:
             out["fedau/estimates"] = [float(x) if m > 0 else float("nan") for x, m in zip(w, M)]
+            if probs is not None:
+                out["fedau/rates"] = [float(p) for p in probs]
         return out
 
 

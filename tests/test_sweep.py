@@ -240,6 +240,38 @@ def test_report_groups_a_sweep_over_seeds_and_computes_the_statistics(tmp_path):
     assert not (d / "bad.md").exists()
 
 
+def test_fedau_weights_script_plots_the_last_logged_estimates_against_one_over_p(tmp_path):
+    d = tmp_path / "sweep"
+    args = [*SMALL, "rounds=30", "seed=0,1", "strategy=fedau", "strategy.cutoff=null,5", "participation=bernoulli"]
+    done = sweep(*args, "participation.p=0.3", "strategy.log_weights_every=30", f"hydra.sweep.dir={d}")
+    assert done.returncode == 0, done.stderr
+    out = subprocess.run(
+        [*cli()[:1], "scripts/fedau_weights.py", str(d), "--out", str(tmp_path / "plots")],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "plots" / "fedau_weights.png").stat().st_size > 10_000
+    for cutoff in ("null", "5"):
+        errors = []
+        for seed in (0, 1):
+            last = final_round(d / f"seed={seed},strategy.cutoff={cutoff}")
+            w = np.array([np.nan if x is None else x for x in last["fedau/estimates"]])
+            p = np.array(last["fedau/rates"])
+            seen = np.isfinite(w)
+            errors.append(np.median(np.abs(w[seen] * p[seen] - 1)))
+            assert errors[-1] == pytest.approx(last["fedau/estimate_rel_err"])  # the list agrees with the scalar
+        (row,) = [ln for ln in out.stdout.splitlines() if ln.startswith(f"| strategy.cutoff={cutoff} |")]
+        assert float(row.split("|")[2]) == pytest.approx(np.mean(errors), abs=5e-4)
+
+
+def final_round(folder: Path) -> dict:
+    return [r for r in strict_records(folder / "metrics.jsonl") if r["event"] == "round"][-1]
+
+
 def experiment_jobs(name: str) -> list[list[str]]:
     """Every job of ``experiment=name`` as the sweeper makes it: the overrides of each job."""
     from hydra import compose, initialize_config_dir

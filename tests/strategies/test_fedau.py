@@ -147,6 +147,8 @@ def test_fedau_in_a_real_run_tracks_one_over_p():
     assert abs(np.mean(counts) - probs.sum()) < 3 * np.sqrt((probs * (1 - probs)).sum() / 60) + 0.5
     weights = [m for m in rec if "fedau/estimates" in m]
     assert len(weights) == 3 and len(weights[-1]["fedau/estimates"]) == 30
+    assert weights[-1]["fedau/rates"] == probs.tolist()  # beside the estimates, for plotting w_n against 1/p_n
+
     assert rec[-1]["fedau/estimate_rel_err"] < 0.5  # 60 rounds: rough, but tracking 1/p
 
 
