@@ -1,20 +1,22 @@
 """``python -m fedsim.report <sweep dir or run dirs...>``: one table and a few plots for a comparison.
 
 It reads every run's ``metrics.jsonl`` (and the sweep's ``sweep.json``, or each run's
-``.hydra/overrides.yaml``), groups the runs by every swept key except the seed, and writes, into
-``--out`` (default: the first folder given):
+``.hydra/overrides.yaml``), groups the runs by every swept key except the seed (with several
+folders given, by the folder too), and writes, into ``--out`` (default: the first folder given):
 
 - ``report.md`` and ``report.csv``: per group and per metric, mean ± std over the seeds and their
-  number of each statistic asked for: ``final`` (the last logged value), ``best`` (the largest),
-  ``last:K`` (the mean of the last K), and for each ``--target`` the first round / simulated time /
-  uplink bytes (``--x``) at which the metric reaches it (the mean over the seeds that reach it, with
-  how many did). The standard deviation is the population one (ddof 0).
+  number of each statistic asked for: ``final`` (the last logged value), ``best`` or ``max`` (the
+  largest), ``min``, ``last:K`` (the mean of the last K), and for each ``--target`` the first round
+  / simulated time / uplink bytes (``--x``) at which the metric reaches it (>=, or <= with
+  ``--below``; the mean over the seeds that reach it, with how many did). The standard deviation is
+  the population one (ddof 0). Runs that stopped early (diverged), did not finish or did not start
+  are not counted; the report lists them.
 - ``<metric>.png``: the metric against rounds, simulated time or uplink bytes, one line per group
-  (the mean over seeds) with a band of ± one standard deviation.
+  (the mean over seeds at the rounds they all logged) with a band of ± one standard deviation.
 
 ``--metric NAME:STAT`` gives that metric only the statistics named so (``rounds:final``), the others
-get ``--stat``. ``--columns KEY`` lays the first metric and statistic out as a matrix, the values of
-KEY as columns.
+get ``--stat``. ``--columns KEY`` lays each metric and statistic out as a matrix, the values of KEY
+as columns.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 X_KEYS = {"round": "round", "time": "time/simulated", "bytes": "comm/bytes_up_total"}
+STATS = "final, best (the largest), max, min or last:K"
 
 
 @dataclass
@@ -42,17 +45,25 @@ class Run:
     """The swept keys' values of this run (the seed included)."""
     records: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] = field(default_factory=dict)
+    declared: bool = False
+    """Whether ``values`` come from the sweep's ``sweep.json`` (their order is the declared one)."""
 
-    def series(self, metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) over the steps that logged ``metric`` (x: 1-based round, simulated time or bytes)."""
-        xs, ys = [], []
+    def points(self, metric: str, x: str) -> dict[int, tuple[float, float]]:
+        """round -> (x, y) over the steps that logged a finite ``metric`` (x: 1-based round,
+        simulated time or uplink bytes)."""
+        out = {}
         for rec in self.records:
             y = rec.get(metric)
             if not isinstance(y, (int, float)) or isinstance(y, bool) or not math.isfinite(y):
                 continue
-            xs.append(rec["round"] + 1 if x == "round" else rec.get(X_KEYS[x], math.nan))
-            ys.append(float(y))
-        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+            xv = rec["round"] + 1 if x == "round" else rec.get(X_KEYS[x], math.nan)
+            out[int(rec["round"])] = (float(xv) if isinstance(xv, (int, float)) else math.nan, float(y))
+        return out
+
+    def series(self, metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) over the steps that logged ``metric``, in order."""
+        pts = list(self.points(metric, x).values())
+        return np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts], dtype=float)
 
 
 def _overrides(folder: Path) -> dict[str, str]:
@@ -82,34 +93,70 @@ def _sweep_values(folder: Path) -> tuple[dict[str, str], list[str]] | None:
     return None
 
 
-def load(paths: Sequence[Path]) -> tuple[list[Run], list[str]]:
+def _records(path: Path) -> list[dict[str, Any]] | None:
+    """The records of a metrics.jsonl; None when a line does not parse (a run being written)."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
+
+
+def load(paths: Sequence[Path], left_out: list[str] | None = None) -> tuple[list[Run], list[str]]:
     """The finished runs under ``paths`` and the keys that distinguish them: a sweep's swept keys
-    (its ``sweep.json``), else the command-line overrides whose values differ between the runs."""
-    folders: list[Path] = []
+    (its ``sweep.json``), else the command-line overrides whose values differ between the runs.
+
+    With more than one path, every run also gets the key ``sweep`` (the folder it came from), so
+    that two sweeps of the same keys are not pooled as if they were more seeds. Runs that are not
+    counted (stopped early, unfinished, not started) are described in ``left_out``."""
+    notes = left_out if left_out is not None else []
+    found: list[tuple[Path, Path]] = []  # (source, run folder)
     for p in paths:
         if (p / "metrics.jsonl").exists():
-            folders.append(p)
+            found.append((p, p))
         elif (p / "sweep.json").exists():  # the sweep's own job order (values as declared)
             jobs = json.loads((p / "sweep.json").read_text()).get("jobs", [])
-            folders += [p / j["name"] for j in jobs if (p / j["name"] / "metrics.jsonl").exists()]
+            missing = [j["name"] for j in jobs if not (p / j["name"] / "metrics.jsonl").exists()]
+            if missing:
+                notes.append(f"{p}: {len(missing)} of {len(jobs)} jobs not started ({_few(missing)})")
+            found += [(p, p / j["name"]) for j in jobs if j["name"] not in missing]
         else:
-            folders += sorted(f.parent for f in p.rglob("metrics.jsonl"))
+            found += [(p, f.parent) for f in sorted(p.rglob("metrics.jsonl"))]
     runs: list[Run] = []
-    for folder in folders:
-        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        if not records or records[-1].get("event") != "run_end":
-            print(f"fedsim.report: skipping {folder} (not finished)", file=sys.stderr)
+    for source, folder in found:
+        records = _records(folder / "metrics.jsonl")
+        last = records[-1] if records else {}
+        if last.get("event") != "run_end":
+            why = f"stopped: {last.get('reason', '?')}" if last.get("event") == "stopped" else "not finished"
+            notes.append(f"{folder}: {why}")
             continue
+        assert records is not None
         rounds = [r for r in records if r.get("event") == "round"]
         swept = _sweep_values(folder)
-        runs.append(Run(folder, swept[0] if swept else _overrides(folder), rounds, records[-1]))
+        values = swept[0] if swept else _overrides(folder)
+        if len(paths) > 1:
+            values = {"sweep": source.name or str(source), **values}
+        runs.append(Run(folder, values, rounds, last, declared=swept is not None))
     keys: list[str] = []
-
     for run in runs:
         for key in run.values:
             if key not in keys and len({r.values.get(key) for r in runs}) > 1:
                 keys.append(key)
     return runs, keys
+
+
+def mean_curve(curves: list[dict[int, tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean x, mean y and std of y over runs, at the rounds that every run logged."""
+    shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    xs = np.array([[c[t][0] for t in shared] for c in curves]).reshape(len(curves), len(shared))
+    ys = np.array([[c[t][1] for t in shared] for c in curves]).reshape(len(curves), len(shared))
+    if not curves:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return xs.mean(0), ys.mean(0), ys.std(0)
+
+
+def _few(names: list[str], most: int = 3) -> str:
+
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def statistic(run: Run, metric: str, stat: str) -> float:
@@ -119,16 +166,19 @@ def statistic(run: Run, metric: str, stat: str) -> float:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     if stat == "final":
         return float(y[-1])
-    if stat == "best":
+    if stat in ("best", "max"):
         return float(y.max())
+    if stat == "min":
+        return float(y.min())
     if stat.startswith("last:"):
         return float(np.mean(y[-int(stat.split(":")[1]) :]))
-    raise ValueError(f"unknown statistic {stat!r}: final, best or last:K")
+    raise ValueError(f"unknown statistic {stat!r}: {STATS}")
 
 
-def reach(run: Run, metric: str, target: float, x: str) -> float:
+def reach(run: Run, metric: str, target: float, x: str, below: bool = False) -> float:
+    """The first x at which ``metric`` reaches ``target`` (>= it, or <= it with ``below``)."""
     xs, ys = run.series(metric, x)
-    hit = np.flatnonzero(ys >= target)
+    hit = np.flatnonzero(ys <= target if below else ys >= target)
     return float(xs[hit[0]]) if len(hit) else math.nan
 
 
@@ -186,50 +236,60 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
     )
     md.append("")
     rows_csv: list[dict[str, Any]] = []
+    groups = sorted(group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
+    for label, members in groups:
+        seeds = [r.values.get("seed") for r in members if "seed" in r.values]
+        twice = sorted({str(s) for s in seeds if seeds.count(s) > 1}, key=_one)
+        if twice:
+            line = (
+                f"{label_text(label)} holds seed {', '.join(map(str, twice))} more than once: each run counts as a seed"
+            )
+            print(f"fedsim.report: warning: {line}", file=sys.stderr)
+            md += [f"Warning: {line}.", ""]
     if args.columns:
         col_key = args.columns
         row_keys = [k for k in group_keys if k != col_key]
         cols = sorted({r.values.get(col_key, "") for r in runs}, key=lambda v: order(col_key, v))
-        metric = args.metric[0]
-        stat = args.pinned.get(metric, args.stat)[0]
-        md.append(f"## {metric}, {stat}")
-        md.append("")
-        md.append("| " + " | ".join([*row_keys, *[f"{col_key}={c}" for c in cols]]) + " |")
-        md.append("|" + "---|" * (len(row_keys) + len(cols)))
-        for label, members in sorted(
-            group_runs(runs, row_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
-        ):
-            cells = []
-            for c in cols:
-                vals = [statistic(r, metric, stat) for r in members if r.values.get(col_key, "") == c]
-                cells.append(Cell(vals).text(args.digits) if vals else "")
-                rows_csv.append({**dict(label), col_key: c, "metric": metric, "stat": stat, **_csv(vals)})
-            md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
-        md.append("")
+        rows = sorted(group_runs(runs, row_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
+        for metric in args.metric:
+            for stat in args.pinned.get(metric, args.stat):
+                md += [f"## {metric}, {stat}", ""]
+                md.append("| " + " | ".join([*row_keys, *[f"{col_key}={c}" for c in cols]]) + " |")
+                md.append("|" + "---|" * (len(row_keys) + len(cols)))
+                for label, members in rows:
+                    cells = []
+                    for c in cols:
+                        vals = [statistic(r, metric, stat) for r in members if r.values.get(col_key, "") == c]
+                        cells.append(Cell(vals).text(args.digits) if vals else "")
+                        rows_csv.append({**dict(label), col_key: c, "metric": metric, "stat": stat, **_csv(vals)})
+                    md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
+                md.append("")
     else:
         header = list(group_keys)
         columns: list[tuple[str, str, float | None]] = [
             (m, s, None) for m in args.metric for s in args.pinned.get(m, args.stat)
         ]
         columns += [(args.metric[0], "reach", t) for t in args.target]
-        names = [f"{m} {s}" if t is None else f"{args.x} to {m} ≥ {t:g}" for m, s, t in columns]
+        sign = "≤" if args.below else "≥"
+        names = [f"{m} {s}" if t is None else f"{args.x} to {m} {sign} {t:g}" for m, s, t in columns]
         md.append("| " + " | ".join([*header, *names]) + " |")
         md.append("|" + "---|" * (len(header) + len(names)))
-        for label, members in sorted(
-            group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0])
-        ):
+        for label, members in groups:
             cells = []
             for metric, stat, target in columns:
                 if target is None:
                     vals = [statistic(r, metric, stat) for r in members]
                     cells.append(Cell(vals).text(args.digits))
                 else:
-                    vals = [reach(r, metric, target, args.x) for r in members]
+                    vals = [reach(r, metric, target, args.x, args.below) for r in members]
                     cells.append(Cell(vals).text(args.digits, reached=True))
                 name = stat if target is None else f"{args.x}_to_{target:g}"
                 rows_csv.append({**dict(label), "metric": metric, "stat": name, **_csv(vals)})
             md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
         md.append("")
+    if args.left_out:
+        md += ["Not counted (the table covers finished runs only):", ""]
+        md += [f"- {note}" for note in args.left_out] + [""]
     plots = plot(runs, group_keys, args)
     for p in plots:
         md.append(f"![{p.stem}]({p.name})")
@@ -272,9 +332,10 @@ def _orderer(runs: list[Run]) -> Callable[[str, str], tuple[int, Any]]:
     """Values sort in the order the runs first show them (a sweep's declared order), else as
     numbers or text."""
     seen: dict[tuple[str, str], int] = {}
-    for run in runs:
+    for run in runs:  # a sweep's declared order; the sources in the order given
         for key, value in run.values.items():
-            seen.setdefault((key, value), len(seen))
+            if run.declared or key == "sweep":
+                seen.setdefault((key, value), len(seen))
 
     def key_of(key: str, value: str) -> tuple[int, Any]:
         index = seen.get((key, value))
@@ -340,14 +401,11 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
             for label, members in groups:
                 if col_key:
                     members = [r for r in members if r.values.get(col_key, "") == panel]
-                curves = [r.series(metric, args.x) for r in members]
-                curves = [(x, y) for x, y in curves if len(y) > 1]
-                if not curves:
+                curves = [c for c in (r.points(metric, args.x) for r in members) if len(c) > 1]
+                xs, mean, std = mean_curve(curves)
+                if len(xs) < 2:
                     continue
-                n = min(len(y) for _, y in curves)
-                xs = np.mean([x[:n] for x, _ in curves], axis=0)
-                ys = np.array([y[:n] for _, y in curves])
-                mean, std = ys.mean(0), ys.std(0)
+
                 color, dashes = style[label]
                 name = f"{label_text(label)} ({len(curves)})" if not col_key else label_text(label)
                 (line,) = ax.plot(xs, mean, color=color, linestyle=dashes, label=name)
@@ -415,6 +473,11 @@ def _check(ap: argparse.ArgumentParser, runs: list[Run], args: argparse.Namespac
             ap.error(f"--where {cond}: no run matches; {key} is one of {', '.join(present)}")
         runs = kept
     logged = _logged(runs)
+    x_key = X_KEYS[args.x]
+    if args.x != "round" and x_key not in logged:
+        ap.error(f"--x {args.x}: no run logs {x_key}; use --x round" + (" or bytes" if args.x == "time" else ""))
+    if args.columns and args.target:
+        ap.error("--target does not combine with --columns (a matrix holds one statistic); run the report twice")
     for metric in args.metric:
         if metric not in logged:
             close = difflib.get_close_matches(metric, sorted(logged), n=3)
@@ -431,8 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--metric", nargs="+", default=["eval/acc"], help="metrics; NAME:STAT gives NAME that statistic only"
     )
-    ap.add_argument("--stat", nargs="+", default=["final", "best"], help="final, best, last:K")
+    ap.add_argument("--stat", nargs="+", default=["final", "best"], help=STATS)
     ap.add_argument("--target", nargs="*", type=float, default=[], help="values of the first metric to reach")
+    ap.add_argument("--below", action="store_true", help="a target is reached at or below it (losses, errors)")
     ap.add_argument("--x", choices=list(X_KEYS), default="round", help="x axis of plots and targets")
     ap.add_argument(
         "--group-by",
@@ -462,12 +526,17 @@ def main(argv: list[str] | None = None) -> None:
     asked = [(f"--stat {s}", s) for s in args.stat]
     asked += [(f"--metric {m}:{s}", s) for m, stats in args.pinned.items() for s in stats]
     for where, stat in asked:
-        if stat not in ("final", "best") and not (stat.startswith("last:") and stat[5:].isdigit() and int(stat[5:])):
-            ap.error(f"{where}: the statistic is final, best or last:K (K ≥ 1)")
+        if stat not in ("final", "best", "max", "min") and not (
+            stat.startswith("last:") and stat[5:].isdigit() and int(stat[5:])
+        ):
+            ap.error(f"{where}: the statistic is final, best or last:K (K ≥ 1), min or max")
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         ap.error(f"no such folder: {missing[0]}")
-    runs, keys = load(args.paths)
+    args.left_out = []
+    runs, keys = load(args.paths, args.left_out)
+    for note in args.left_out:
+        print(f"fedsim.report: not counted: {note}", file=sys.stderr)
     if not runs:
         ap.error(f"no finished run (metrics.jsonl ending in run_end) under {', '.join(map(str, args.paths))}")
     runs = _check(ap, runs, args)

@@ -1,0 +1,127 @@
+"""``fedsim.report`` on run folders laid out as fedsim writes them (``metrics.jsonl``, ``sweep.json``,
+``.hydra/overrides.yaml``), for the cases a real sweep rarely produces on demand: runs that stopped
+early or are still being written, jobs that never started, two sweeps of the same keys, seeds
+logged at different rounds. (tests/test_sweep.py reports on real sweeps.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsim import report
+
+
+def write_run(folder: Path, accs: list[float | None], *, end: str = "run_end", overrides: tuple[str, ...] = ()) -> None:
+    """A run that evaluated every 10 rounds: eval/acc, eval/loss = 1 - acc, bytes and rounds."""
+    folder.mkdir(parents=True)
+    recs: list[dict] = [{"event": "run_start"}]
+    for i, acc in enumerate(accs):
+        rec = {"event": "round", "round": 10 * i + 9, "comm/bytes_up_total": 100 * (i + 1)}
+        if acc is not None:
+            rec.update({"eval/acc": acc, "eval/loss": 1 - acc})
+        recs.append(rec)
+    if end == "run_end":
+        recs.append({"event": "run_end", "rounds": 10 * len(accs)})
+    elif end == "stopped":
+        recs.append({"event": "stopped", "reason": "diverged in step 17"})
+    lines = [json.dumps(r) for r in recs]
+    if end == "torn":  # a line still being written
+        lines.append('{"event": "round", "round": 99, "eval/a')
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if overrides:
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def write_sweep(folder: Path, jobs: dict[str, dict[str, str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"swept": sorted({k for v in jobs.values() for k in v}), "common": [], "jobs": []}
+    record["jobs"] = [{"name": name, "values": values} for name, values in jobs.items()]
+    (folder / "sweep.json").write_text(json.dumps(record))
+
+
+def rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_runs_that_stopped_or_are_unfinished_or_never_started_are_listed_and_not_counted(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    write_sweep(d, {f"seed={s}": {"seed": str(s)} for s in range(4)})
+    write_run(d / "seed=0", [0.5, 0.6])
+    write_run(d / "seed=1", [0.5, 0.9], end="stopped")
+    write_run(d / "seed=2", [0.5, 0.9], end="torn")
+    report.main([str(d), "--stat", "final"])
+    (row,) = rows(d / "report.csv")
+    assert int(row["n"]) == 1 and float(row["mean"]) == 0.6
+    text = (d / "report.md").read_text()
+    assert "1 of 4 jobs not started (seed=3)" in text
+    assert "seed=1: stopped: diverged in step 17" in text and "seed=2: not finished" in text
+    assert "not counted" in capsys.readouterr().err
+
+
+def test_two_sweeps_of_the_same_keys_are_grouped_apart_and_a_repeated_seed_is_flagged(tmp_path, capsys):
+    for name, base in (("a", 0.5), ("b", 0.8)):
+        write_sweep(tmp_path / "multirun" / name, {f"seed={s}": {"seed": str(s)} for s in range(2)})
+        for s in range(2):
+            write_run(tmp_path / "multirun" / name / f"seed={s}", [base, base + 0.01 * s])
+    a, b = tmp_path / "multirun" / "a", tmp_path / "multirun" / "b"
+    report.main([str(a), str(b), "--stat", "final", "--out", str(tmp_path / "two")])
+    got = {r["sweep"]: (float(r["mean"]), int(r["n"])) for r in rows(tmp_path / "two" / "report.csv")}
+    assert got == {"a": (pytest.approx(0.505), 2), "b": (pytest.approx(0.805), 2)}
+    # one folder above both sweeps: their runs meet in one group, and the report says so
+    report.main([str(tmp_path / "multirun"), "--stat", "final", "--out", str(tmp_path / "one")])
+    assert "holds seed 0, 1 more than once" in (tmp_path / "one" / "report.md").read_text()
+    assert "warning" in capsys.readouterr().err
+
+
+def test_mean_curves_average_the_seeds_at_the_rounds_they_all_logged():
+    a = {r: (r + 1.0, 0.1 * (r + 1)) for r in range(5)}
+    b = {r: (r + 1.0, 0.1 * (r + 1)) for r in (0, 2, 3, 4)}  # no value at round 1 (a NaN, dropped)
+    xs, mean, std = report.mean_curve([a, b])
+    assert xs.tolist() == [1.0, 3.0, 4.0, 5.0]
+    assert np.allclose(mean, [0.1, 0.3, 0.4, 0.5]) and np.allclose(std, 0)
+    xs, _, _ = report.mean_curve([])
+    assert len(xs) == 0
+
+
+def test_min_max_and_targets_below_for_losses(tmp_path):
+    d = tmp_path / "sweep"
+    write_sweep(d, {"seed=0": {"seed": "0"}, "seed=1": {"seed": "1"}})
+    write_run(d / "seed=0", [0.5, 0.8, 0.7])
+    write_run(d / "seed=1", [0.6, None, 0.9])
+    report.main([str(d), "--metric", "eval/loss", "--stat", "min", "max", "best", "--target", "0.25", "--below"])
+    got = {r["stat"]: (float(r["mean"]), int(r["n"])) for r in rows(d / "report.csv")}
+    assert got["min"][0] == pytest.approx((0.2 + 0.1) / 2)
+    assert got["max"][0] == pytest.approx((0.5 + 0.4) / 2) and got["best"] == got["max"]
+    assert got["round_to_0.25"] == (pytest.approx(25.0), 2)  # seed 0 at round 20 (loss 0.2), seed 1 at 30 (0.1)
+    assert "round to eval/loss ≤ 0.25" in (d / "report.md").read_text()
+
+
+def test_columns_lay_out_every_metric_and_statistic(tmp_path):
+    d = tmp_path / "sweep"
+    jobs = {f"lr={lr},seed={s}": {"lr": lr, "seed": str(s)} for lr in ("0.1", "0.01") for s in range(2)}
+    write_sweep(d, jobs)
+    for name in jobs:
+        write_run(d / name, [0.5, 0.6 if "0.1," in name else 0.7])
+    report.main([str(d), "--metric", "eval/acc", "eval/loss:min", "--stat", "final", "best", "--columns", "lr"])
+    text = (d / "report.md").read_text()
+    for heading in ("## eval/acc, final", "## eval/acc, best", "## eval/loss, min"):
+        assert heading in text
+    assert text.index("lr=0.1 | lr=0.01") > 0  # the declared order, not sorted as text
+
+
+def test_values_from_run_folders_sort_as_numbers_and_bad_axes_are_one_line(tmp_path, capsys):
+    for lr in ("0.1", "1e-3", "0.01"):
+        write_run(tmp_path / f"lr{lr}", [0.5, 0.6], overrides=(f"strategy.client.lr={lr}", "seed=0"))
+    report.main([str(tmp_path), "--stat", "final", "--out", str(tmp_path / "out")])
+    order = [r["strategy.client.lr"] for r in rows(tmp_path / "out" / "report.csv")]
+    assert order == ["1e-3", "0.01", "0.1"]
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path), "--x", "time", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("fedsim.report: error: --x time: no run logs time/simulated")
+    assert not (tmp_path / "bad").exists()
