@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedsim.errors import ConfigError, FedsimError
+from fedsim.errors import ConfigError, FedsimError, Interrupted
 
 
 def _conf_dir() -> Path:
@@ -273,10 +273,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if isinstance(exc, ConfigError) and HydraConfig.initialized():
             _leave_nothing(Path(HydraConfig.get().runtime.output_dir))
         message = str(exc) if isinstance(exc, FedsimError) else "interrupted"
-        if _in_sweep():  # the job fails alone; the sweeper reports it and goes on
+        code = exc.exit_code if isinstance(exc, FedsimError) else 130
+        if _in_sweep():
             print(f"fedsim: error: {message}", file=sys.stderr)
-            raise JobFailed(message) from None
-        _fail(message, exc.exit_code if isinstance(exc, FedsimError) else 130)
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):  # Ctrl-C stops the sweep, not just this job
+                from hydra_plugins.fedsim_plugins.sweeper import SweepInterrupted
+
+                raise SweepInterrupted(message, code) from None
+            raise JobFailed(message) from None  # the job fails alone; the sweeper reports it and goes on
+        _fail(message, code)
     acc = summary.get("eval/acc")
     return float(acc) if isinstance(acc, (int, float)) else None
 

@@ -243,6 +243,15 @@ def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
         (["experiment=fedau_fmnist", "seed=0", "variant=nope"], "no variant nope in this sweep"),
         # a key of some options of a swept group: Hydra sets it before the group is picked
         (["strategy=fedau,mifa", "strategy.log_weights_every=4"], "write ++strategy.log_weights_every=4"),
+        # the same bad value in every job: its reason once, with how many jobs it concerns
+        (["dataset=digits", "seed=0,1,2", "num_nodes=-1"], "num_nodes=-1 must be >= 1 (all 3 jobs)"),
+        # two jobs, one folder name: they would write into the same folder at once
+        (["seed=0,1", "+tag=a/b,a_b"], "the jobs seed=0 +tag=a/b and seed=0 +tag=a_b would share the folder"),
+        # no Ray node can hold a job: it would wait forever
+        (
+            ["dataset=digits", "seed=0,1", "cluster.num_cpus=1", "hydra.launcher.cpus_per_job=2"],
+            "cpus_per_job=2 CPUs, but the largest Ray node has 1, so no job could start; lower",
+        ),
     ],
 )
 def test_a_sweep_that_cannot_compose_is_one_line_and_exit_code_2(args, needle, tmp_path):

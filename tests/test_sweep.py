@@ -52,7 +52,7 @@ def watch_overlap(folders: list[Path], stop: threading.Event, seen: list[bool]) 
 def test_a_sweep_runs_jobs_at_once_survives_a_failing_job_and_reruns_only_what_is_left(tmp_path):
     d = tmp_path / "sweep"
     args = [*SMALL, "rounds=40", "seed=0,1", "attack=none,not_a_number", "byzantine.num=3", f"hydra.sweep.dir={d}"]
-    names = [f"seed={s},attack={a}" for s in (0, 1) for a in ("none", "not_a_number")]
+    names = [f"attack={a},seed={s}" for a in ("none", "not_a_number") for s in (0, 1)]  # keys by name
     stop, seen = threading.Event(), [False]
     watcher = threading.Thread(target=watch_overlap, args=([d / n for n in names], stop, seen))
     watcher.start()
@@ -72,15 +72,16 @@ def test_a_sweep_runs_jobs_at_once_survives_a_failing_job_and_reruns_only_what_i
             assert f"job {name} failed: the model became NaN" in first.stderr and "(or rerun the sweep)" in first.stderr
     assert "2 of 4 jobs done, 2 failed" in first.stderr
     index = json.loads((d / "sweep.json").read_text())
-    assert index["swept"] == ["seed", "attack"] and [j["name"] for j in index["jobs"]] == names
+    assert index["swept"] == ["attack", "seed"] and [j["name"] for j in index["jobs"]] == names
 
     # a sweep job is the same run as on its own
     alone = run(*SMALL, "rounds=40", "seed=1", "attack=none", "byzantine.num=3", f"hydra.run.dir={tmp_path / 'alone'}")
     assert alone.returncode == 0, alone.stderr
-    assert final(tmp_path / "alone")["params_sha256"] == final(d / "seed=1,attack=none")["params_sha256"]
+    assert final(tmp_path / "alone")["params_sha256"] == final(d / "attack=none,seed=1")["params_sha256"]
 
     before = {n: (d / n / "metrics.jsonl").read_bytes() for n in names if "none" in n}
-    again = sweep(*args)
+    swapped = [*args[:-4], "attack=none,not_a_number", "seed=0,1", *args[-2:]]  # folder names ignore the order
+    again = sweep(*swapped)
     assert again.returncode == 2
     assert "4 jobs" in again.stderr and "2 done before, 2 to run" in again.stderr
     assert all((d / n / "metrics.jsonl").read_bytes() == b for n, b in before.items())  # not run again
@@ -358,3 +359,99 @@ def test_report_cells_print_counts_as_whole_numbers_and_the_rest_to_the_digits_a
     assert Cell([24.0, 26.0, 24.0]).text(4, reached=True) == "24.7 (3/3)"
     assert Cell([12.7825, math.nan]).text(4, reached=True) == "12.78 (1/2)"
     assert Cell([math.nan, math.nan]).text(4, reached=True) == "- (0/2)"
+
+
+def test_the_command_line_wins_over_a_variant_and_job_folders_do_not_depend_on_the_argument_order():
+    from hydra import compose, initialize_config_dir
+
+    from fedsim.cli import CONF_DIR
+    from hydra_plugins.fedsim_plugins.sweeper import FedsimSweeper, job_name, quoted
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=async_fmnist"], return_hydra_config=True)
+        sweeper = FedsimSweeper(cfg.hydra.sweeper.params, cfg.hydra.sweeper.variants)
+        lrs = {}
+        for given in ([], ["strategy.server_opt.lr=0.2"]):
+            _, jobs, common = sweeper.grid(["experiment=async_fmnist", "seed=0", "variant=async_fedavg_lr0.1", *given])
+            overrides = sweeper.overrides_of(jobs[0], common)
+            job = compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+            lrs[bool(given)] = job.strategy.server_opt.lr
+        assert lrs == {False: 0.1, True: 0.2}  # the variant's lr, unless the command line sets it
+
+    adhoc = FedsimSweeper()
+    one = adhoc.grid(["seed=0,1", "strategy=fedavg,fedprox", "rounds=3"])
+    other = adhoc.grid(["rounds=3", "strategy=fedavg,fedprox", "seed=0,1"])
+    assert one[0] == other[0] == ["seed", "strategy"]
+    assert one[1] == other[1] and job_name(one[1][1]) == "seed=0,strategy=fedprox"
+    # a value given twice is one job; two values that name one folder are a usage error
+    assert adhoc.grid(["seed=0,0,1", "lr=0.1,1e-1"])[1:] == ([[("seed", "0")], [("seed", "1")]], ["lr=0.1"])
+    with pytest.raises(ValueError, match="jobs x=a/b and x=a_b would share the folder x=a_b"):
+        adhoc.grid(["x=a/b,a_b"])
+    # a folder name with quotes and spaces survives Hydra's parser as hydra.sweep.subdir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for name in ["x='a b',y=c", "it's\\", 'q="x"\\\'']:
+        assert parser.parse_override(f"hydra.sweep.subdir={quoted(name)}").value() == name
+
+
+def test_the_progress_line_counts_the_jobs_left_and_estimates_from_the_throughput(capsys):
+    from hydra_plugins.fedsim_plugins.launcher import _progress
+
+    _progress(1, 0, 20, 60.0, 4)  # one job ended after a minute: too early to tell
+    _progress(4, 1, 20, 120.0, 4)  # 4 jobs in 2 minutes: 16 left take 8
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "sweep: 1/20 done, 0 failed, 19 queued or running (4 at a time), ETA ?",
+        "sweep: 3/20 done, 1 failed, 16 queued or running (4 at a time), ETA 8.0 min",
+    ]
+
+
+def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settings(tmp_path):
+    d = tmp_path / "sweep"
+    token = "s3cret-token"
+    base = [*SMALL, "rounds=3", "cluster=ray", f"cluster.auth_token={token}", f"hydra.sweep.dir={d}"]
+    first = sweep(*base, "variant='a b',c")  # a value with a space and quotes
+    assert first.returncode == 0, first.stderr
+    assert final(d / "variant='a b'")["event"] == "run_end" and final(d / "variant=c")["event"] == "run_end"
+    assert strict_records(d / "variant='a b'" / "metrics.jsonl")[0]["config"]["variant"] == "a b"
+    index = json.loads((d / "sweep.json").read_text())
+    assert "cluster.auth_token=<redacted>" in index["common"]
+    for path in d.rglob("*"):  # the token reaches the jobs, not the files
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+    # a subset with one more job: the finished one is skipped, sweep.json keeps every job
+    more = sweep(*base, "variant=c,d")
+    assert more.returncode == 0, more.stderr
+    assert "2 jobs" in more.stderr and "1 done before, 1 to run" in more.stderr
+    index = json.loads((d / "sweep.json").read_text())
+    assert [j["name"] for j in index["jobs"]] == ["variant='a b'", "variant=c", "variant=d"]
+    assert index["swept"] == ["variant"]
+    assert "variant='a b',c" in (d / "multirun.yaml").read_text()  # the first sweep's config is kept
+    assert "variant=c,d" in (d / "multirun.1.yaml").read_text()
+
+    # other settings for a finished job: one line, exit 2, nothing runs, nothing is rewritten
+    saved = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    changed = sweep(*base, "variant=c,e", "rounds=4")
+    lines = changed.stderr.strip().splitlines()
+    assert changed.returncode == 2 and len(lines) == 1, changed.stderr
+    assert f"the job folder {d / 'variant=c'} holds a run with other overrides" in lines[0]
+    assert "rounds=3 there, rounds=4 now" in lines[0] and "another hydra.sweep.dir" in lines[0]
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == saved
+    assert not (d / "variant=e").exists()
+
+
+def test_ctrl_c_ends_a_sweep_with_the_basic_launcher_after_the_job_saves_a_checkpoint(tmp_path):
+    d = tmp_path / "sweep"
+    args = [*DIGITS, "rounds=400", "cluster=local", "hydra/launcher=basic", "seed=0,1", f"hydra.sweep.dir={d}"]
+    proc = subprocess.Popen(
+        cli("-m", *args), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert wait_for_round(d / "seed=0" / "metrics.jsonl", 10, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT after step" in err and "sweep interrupted" in err
+    assert strict_records(d / "seed=0" / "metrics.jsonl")[-1]["event"] == "stopped"
+    assert any((d / "seed=0" / "checkpoints").glob("step-*.pt"))
+    assert not (d / "seed=1").exists()  # the next job never started

@@ -6,8 +6,10 @@ Each job is one Ray task that reserves ``hydra.launcher.cpus_per_job`` CPUs (1) 
 simulation in its own worker process with the in-process executor (``cluster=local``), so the
 jobs, not the nodes of one run, share the cluster's CPUs: a 2-core machine runs 2 jobs at a time,
 a cluster of 64 CPUs 64. Results do not depend on the executor (docs/design.md, "Determinism").
-A failing job is reported and the others go on. One progress line shows jobs done, running and
-failed, and an estimate of the time left.
+A failing job is reported and the others go on. One progress line shows jobs done, failed and
+queued or running, and an estimate of the time left. A job that reserves more CPUs than the
+largest node has stops the sweep before it starts. Ray reuses its worker processes: a job runs in
+a Ray worker process, not necessarily a fresh one.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def _run_job(
             job_subdir_key="hydra.sweep.subdir",
         )
     except BaseException as exc:  # noqa: BLE001 - SystemExit and friends are this job's failure
-        ret = _failed(f"{type(exc).__name__}: {exc}")
+        from hydra_plugins.fedsim_plugins.sweeper import SweepInterrupted
+
+        ret = _failed(str(exc) if isinstance(exc, SweepInterrupted) else f"{type(exc).__name__}: {exc}")
     return ret, node
 
 
@@ -70,20 +74,46 @@ class RayLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
+        self.owns: bool | None = None
+        """Whether this launcher started Ray (None: not started yet)."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def start(self) -> None:
+        """Start (or join) Ray and check that a job fits on one of its nodes: a job that asks for more
+        CPUs than any node has would wait forever. The sweeper calls it before it writes anything."""
         import ray
 
         from fedsim.execution.ray_executor import start_ray
+
+        if self.owns is not None:
+            return
+        self.owns = start_ray(address=self.address, num_cpus=self.num_cpus, auth_token=self.auth_token, quiet=True)
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        if largest < self.cpus_per_job:
+            if self.owns:
+                ray.shutdown()
+            self.owns = None
+            print(
+                f"fedsim: error: a job reserves hydra.launcher.cpus_per_job={self.cpus_per_job} CPUs, but the largest "
+                f"Ray node has {largest:g}, so no job could start; lower hydra.launcher.cpus_per_job or raise "
+                "cluster.num_cpus (or join a cluster with larger nodes)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(2)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import ray
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        owns = start_ray(address=self.address, num_cpus=self.num_cpus, auth_token=self.auth_token, quiet=True)
+        self.start()
+        owns, self.owns = self.owns, None
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(self.cpus_per_job, 1))
         remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=0)(_run_job)
         futures: dict[Any, int] = {}
         for i, overrides in enumerate(job_overrides):
@@ -115,7 +145,12 @@ class RayLauncher(Launcher):
                     results[futures[ref]] = ret
                     failed += ret.status != JobStatus.COMPLETED
                 done = total - len(pending)
-                _progress(done, failed, total, time.monotonic() - start, self.cpus_per_job)
+                _progress(done, failed, total, time.monotonic() - start, slots)
+        except KeyboardInterrupt:  # Ctrl-C: interrupt the running jobs, which checkpoint, then stop the sweep
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(pending, num_returns=len(pending), timeout=60)
+            raise
         finally:
             if sys.stderr.isatty():
                 print(file=sys.stderr, flush=True)
@@ -127,15 +162,18 @@ class RayLauncher(Launcher):
         return [r for r in results if r is not None]
 
 
-def _progress(done: int, failed: int, total: int, elapsed: float, cpus_per_job: int) -> None:
-    """The sweep's one progress line: rewritten in place on a terminal, else printed every 5 %."""
-    import ray
-
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(cpus_per_job, 1))
-    running = min(slots, total - done)
-    eta = elapsed / done * (total - done) if done else float("nan")
+def _progress(done: int, failed: int, total: int, elapsed: float, slots: int) -> None:
+    """The sweep's one progress line: rewritten in place on a terminal, else printed every 5 %.
+    Every job is submitted at once, so the jobs not done are queued or running (at most ``slots``,
+    the jobs the cluster's CPUs hold at a time, run). The ETA is the throughput so far applied to
+    the jobs left, once ``slots`` jobs are done (before that, the first jobs to end say little)."""
+    left = total - done
+    eta = elapsed / done * left if done >= slots else float("nan")
     eta_txt = f"{eta / 60:.1f} min" if eta == eta else "?"
-    line = f"sweep: {done - failed}/{total} done, {running} running, {failed} failed, ETA {eta_txt}"
+    line = (
+        f"sweep: {done - failed}/{total} done, {failed} failed, {left} queued or running "
+        f"({slots} at a time), ETA {eta_txt}"
+    )
     if sys.stderr.isatty():
         print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
     elif done == total or done % max(1, total // 20) == 0:
