@@ -33,6 +33,8 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 RESUMABLE = ("rounds", "eval_every", "logger", "checkpoint", "resume", "cluster", "divergence")
 """Top-level keys a resumed run may change (run length, logging, where it runs)."""
 SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every")
+STRATEGY_RESUMABLE = ("log_weights_every",)
+"""Strategy keys that only say what is logged (an experiment sets FedAU's to ``${rounds}``)."""
 
 
 def params_sha256(params: torch.Tensor) -> str:
@@ -122,6 +124,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                     continue
                 if prefix == "server." and key in SERVER_RESUMABLE:
                     continue
+                if prefix == "strategy." and key in STRATEGY_RESUMABLE:
+                    continue
+
                 walk(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
         elif a != b:
             diffs.append(f"{prefix[:-1]}: {a!r} -> {b!r}")

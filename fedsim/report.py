@@ -121,8 +121,14 @@ def load(paths: Sequence[Path], left_out: list[str] | None = None) -> tuple[list
             found += [(p, p / j["name"]) for j in jobs if j["name"] not in missing]
         else:
             found += [(p, f.parent) for f in sorted(p.rglob("metrics.jsonl"))]
+    # with several paths, a run's source is the folder that holds it (its sweep), named as briefly
+    # as stays unique: run folders of one sweep given one by one still pool their seeds
+    parents = list(dict.fromkeys(str(folder.parent) for _, folder in found))
+    short = {q: Path(q).name for q in parents}
+    if len(set(short.values())) < len(short):
+        short = {q: q for q in parents}
     runs: list[Run] = []
-    for source, folder in found:
+    for _, folder in found:
         records = _records(folder / "metrics.jsonl")
         last = records[-1] if records else {}
         if last.get("event") != "run_end":
@@ -134,7 +140,8 @@ def load(paths: Sequence[Path], left_out: list[str] | None = None) -> tuple[list
         swept = _sweep_values(folder)
         values = swept[0] if swept else _overrides(folder)
         if len(paths) > 1:
-            values = {"sweep": source.name or str(source), **values}
+            values = {"sweep": short[str(folder.parent)], **values}
+
         runs.append(Run(folder, values, rounds, last, declared=swept is not None))
     keys: list[str] = []
     for run in runs:
@@ -504,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="keys to group by (default: every swept key but seed; none: pool all runs)",
     )
-    ap.add_argument("--columns", default=None, help="lay the first metric/stat out with this key's values as columns")
+    ap.add_argument("--columns", default=None, help="lay each metric/stat out with this key's values as columns")
     ap.add_argument("--digits", type=int, default=4)
     ap.add_argument("--logx", action="store_true")
     ap.add_argument("--out", type=Path, default=None)

@@ -72,6 +72,11 @@ def test_two_sweeps_of_the_same_keys_are_grouped_apart_and_a_repeated_seed_is_fl
     report.main([str(a), str(b), "--stat", "final", "--out", str(tmp_path / "two")])
     got = {r["sweep"]: (float(r["mean"]), int(r["n"])) for r in rows(tmp_path / "two" / "report.csv")}
     assert got == {"a": (pytest.approx(0.505), 2), "b": (pytest.approx(0.805), 2)}
+    # the run folders of one sweep given one by one (a shell glob) pool their seeds
+    report.main([str(a / "seed=0"), str(a / "seed=1"), "--stat", "final", "--out", str(tmp_path / "glob")])
+    (row,) = rows(tmp_path / "glob" / "report.csv")
+    assert int(row["n"]) == 2 and float(row["mean"]) == pytest.approx(0.505)
+
     # one folder above both sweeps: their runs meet in one group, and the report says so
     report.main([str(tmp_path / "multirun"), "--stat", "final", "--out", str(tmp_path / "one")])
     assert "holds seed 0, 1 more than once" in (tmp_path / "one" / "report.md").read_text()

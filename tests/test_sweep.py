@@ -420,8 +420,10 @@ def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settin
     for path in d.rglob("*"):  # the token reaches the jobs, not the files
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
-    # a subset with one more job: the finished one is skipped, sweep.json keeps every job
-    more = sweep(*base, "variant=c,d")
+    # a subset with one more job (and a checkpoint interval, which a rerun may change): the
+    # finished one is skipped, sweep.json keeps every job
+    more = sweep(*base, "variant=c,d", "checkpoint.every=2")
+
     assert more.returncode == 0, more.stderr
     assert "2 jobs" in more.stderr and "1 done before, 1 to run" in more.stderr
     index = json.loads((d / "sweep.json").read_text())
@@ -429,6 +431,7 @@ def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settin
     assert index["swept"] == ["variant"]
     assert "variant='a b',c" in (d / "multirun.yaml").read_text()  # the first sweep's config is kept
     assert "variant=c,d" in (d / "multirun.1.yaml").read_text()
+    base = [*base, "checkpoint.every=2"]
 
     # other settings for a finished job: one line, exit 2, nothing runs, nothing is rewritten
     saved = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
@@ -455,3 +458,40 @@ def test_ctrl_c_ends_a_sweep_with_the_basic_launcher_after_the_job_saves_a_check
     assert strict_records(d / "seed=0" / "metrics.jsonl")[-1]["event"] == "stopped"
     assert any((d / "seed=0" / "checkpoints").glob("step-*.pt"))
     assert not (d / "seed=1").exists()  # the next job never started
+
+
+def test_sigterm_ends_a_sweep_on_ray_after_the_running_job_saves_a_checkpoint(tmp_path):
+    """Ray's own SIGTERM handler in the sweep's process would exit at once (code 15) and kill the
+    running jobs with no checkpoint; the launcher interrupts them instead and exits with 143."""
+    d = tmp_path / "sweep"
+    args = [*DIGITS, "rounds=3000", "checkpoint.every=50", "cluster.num_cpus=1", "seed=0,1", f"hydra.sweep.dir={d}"]
+    proc = subprocess.Popen(
+        cli("-m", *args), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert wait_for_round(d / "seed=0" / "metrics.jsonl", 60, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "sweep interrupted" in err
+    last = strict_records(d / "seed=0" / "metrics.jsonl")[-1]
+    assert last["event"] == "stopped", last
+    step = int(last["reason"].split("after step ")[1])
+    assert (d / "seed=0" / "checkpoints" / f"step-{step:06d}.pt").exists()  # it can resume from where it stopped
+    assert not (d / "seed=1" / "metrics.jsonl").exists()  # one CPU: the second job was still queued
+
+
+def test_an_experiment_that_logs_at_its_last_round_can_still_be_extended_on_resume():
+    """fedau_fmnist logs FedAU's weights at ``${rounds}``: a longer run resumed from its checkpoint
+    changes that key with ``rounds``, which only says what is logged."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedsim.checkpoint import differences
+    from fedsim.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        short, long = (compose("config", ["experiment=fedau_fmnist_long", f"rounds={r}"]) for r in (400, 800))
+    old, new = (OmegaConf.to_container(c, resolve=True) for c in (short, long))
+    assert old["strategy"]["log_weights_every"] == 400 and new["strategy"]["log_weights_every"] == 800
+    assert differences(old, new) == []
+    assert differences(old, {**new, "seed": 5}) == ["seed: 0 -> 5"]

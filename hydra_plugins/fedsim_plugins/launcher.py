@@ -15,7 +15,9 @@ a Ray worker process, not necessarily a fresh one.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +93,9 @@ class RayLauncher(Launcher):
             return
         self.owns = start_ray(address=self.address, num_cpus=self.num_cpus, auth_token=self.auth_token, quiet=True)
         largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        if largest == 0:  # a cluster that adds CPU nodes on demand: the jobs wait for them
+            print("fedsim: warning: no Ray node has CPUs yet; the jobs wait for one", file=sys.stderr, flush=True)
+            return
         if largest < self.cpus_per_job:
             if self.owns:
                 ray.shutdown()
@@ -133,6 +138,10 @@ class RayLauncher(Launcher):
 
         total = len(job_overrides)
         pending = list(futures)
+        # Ray's driver handler for SIGTERM exits at once (no job would checkpoint): ours interrupts
+        main = threading.current_thread() is threading.main_thread()
+        _TERMINATED.clear()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -146,12 +155,17 @@ class RayLauncher(Launcher):
                     failed += ret.status != JobStatus.COMPLETED
                 done = total - len(pending)
                 _progress(done, failed, total, time.monotonic() - start, slots)
-        except KeyboardInterrupt:  # Ctrl-C: interrupt the running jobs, which checkpoint, then stop the sweep
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running jobs checkpoint, then the sweep stops
             for ref in pending:
                 ray.cancel(ref)
             ray.wait(pending, num_returns=len(pending), timeout=60)
-            raise
+            from hydra_plugins.fedsim_plugins.sweeper import SweepInterrupted
+
+            term = _TERMINATED.is_set()
+            raise SweepInterrupted("terminated" if term else "interrupted", 143 if term else 130) from None
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if sys.stderr.isatty():
                 print(file=sys.stderr, flush=True)
             if nodes:
@@ -160,6 +174,17 @@ class RayLauncher(Launcher):
             if owns:
                 ray.shutdown()
         return [r for r in results if r is not None]
+
+
+_TERMINATED = threading.Event()
+"""Set by SIGTERM in the sweep's own process, which is then handled like Ctrl-C (exit code 143);
+a flag, since Ray's blocking calls turn the exception raised in the handler into a plain
+KeyboardInterrupt."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
+    raise KeyboardInterrupt
 
 
 def _progress(done: int, failed: int, total: int, elapsed: float, slots: int) -> None:

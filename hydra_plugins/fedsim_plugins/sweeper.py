@@ -89,7 +89,8 @@ def redacted(override: str) -> str:
 
 def settings(overrides: list[str]) -> dict[str, str]:
     """What a job computes: its overrides as key -> value (the last wins), without those that only
-    say where or how it executes (``cluster`` placement, ``resume``, ``hydra.*``)."""
+    say where or how it executes or what it logs (``cluster`` placement, ``resume``, ``hydra.*``,
+    ``logger``, ``checkpoint``, ``divergence``: a resumed run may change them too)."""
     parser = OverridesParser.create()
     out: dict[str, str] = {}
     for line in overrides:
@@ -99,7 +100,7 @@ def settings(overrides: list[str]) -> dict[str, str]:
             key, value = parsed.key_or_group, parsed.get_value_element_as_str()
         except Exception:  # noqa: BLE001 - compared as written
             key = key.lstrip("+")
-        if _placement(key) or key == "resume" or key.split(".")[0] == "hydra":
+        if _placement(key) or key.split(".")[0] in ("resume", "hydra", "logger", "checkpoint", "divergence"):
             continue
         out[key] = value
     return out
