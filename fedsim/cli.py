@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedsim.errors import ConfigError, FedsimError, Interrupted
+from fedsim.errors import exit_with as _fail
 
 
 def _conf_dir() -> Path:
@@ -32,11 +33,6 @@ CONF_DIR = _conf_dir()
 
 _NEW_FOLDERS: list[Path] = []
 """Folders of the run directory that did not exist before this run (removed again after a usage error)."""
-
-
-def _fail(message: str, code: int) -> None:
-    print(f"fedsim: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def one_line(exc: BaseException) -> str:

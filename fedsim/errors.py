@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class FedsimError(Exception):
     """Base class of errors fedsim reports as one line instead of a traceback."""
@@ -59,3 +62,9 @@ class Diverged(Stopped):
 
 class WorkersLost(Stopped):
     """Ray workers kept dying: too many failures in a row."""
+
+
+def exit_with(message: str, code: int = 2) -> NoReturn:
+    """Stop the command with one line on stderr (``fedsim: error: ...``) and ``code``."""
+    print(f"fedsim: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -29,6 +29,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from fedsim.errors import exit_with
+
 log = logging.getLogger(__name__)
 
 
@@ -100,14 +102,11 @@ class RayLauncher(Launcher):
             if self.owns:
                 ray.shutdown()
             self.owns = None
-            print(
-                f"fedsim: error: a job reserves hydra.launcher.cpus_per_job={self.cpus_per_job} CPUs, but the largest "
-                f"Ray node has {largest:g}, so no job could start; lower hydra.launcher.cpus_per_job or raise "
-                "cluster.num_cpus (or join a cluster with larger nodes)",
-                file=sys.stderr,
-                flush=True,
+            exit_with(
+                f"a job reserves hydra.launcher.cpus_per_job={self.cpus_per_job} CPUs, but the largest Ray node has "
+                f"{largest:g}, so no job could start; lower hydra.launcher.cpus_per_job or raise cluster.num_cpus "
+                "(or join a cluster with larger nodes)"
             )
-            sys.exit(2)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray

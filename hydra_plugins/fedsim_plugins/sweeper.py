@@ -28,7 +28,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedsim.config import validate
 from fedsim.errors import FedsimError
+from fedsim.errors import exit_with as _exit_with
 from hydra_plugins.fedsim_plugins.launcher import _placement
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class FedsimSweeper(Sweeper):
         try:
             swept, jobs, common = self.grid(arguments)
         except ValueError as exc:  # the sweep itself is malformed (e.g. an unknown variant): a usage error
-            _usage(str(exc))
+            _exit_with(str(exc))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         todo: list[list[str]] = []
         labels: list[str] = []
@@ -219,7 +220,7 @@ class FedsimSweeper(Sweeper):
         if changed:  # skipping or resuming it would mix two settings in one sweep
             run_dir, difference = changed[0]
             more = f" (and {len(changed) - 1} more job folders)" if len(changed) > 1 else ""
-            _usage(
+            _exit_with(
                 f"the job folder {run_dir} holds a run with other overrides than this sweep gives it{more}: "
                 f"{difference}; use another hydra.sweep.dir, or remove that job's folder to run it again"
             )
@@ -237,7 +238,7 @@ class FedsimSweeper(Sweeper):
             try:
                 start()
             except FedsimError as exc:
-                _usage(str(exc), exc.exit_code)
+                _exit_with(str(exc), exc.exit_code)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._save_config(sweep_dir)
         (sweep_dir / f".{SWEEP_FILE}.tmp").write_text(json.dumps(record, indent=1))
@@ -291,7 +292,7 @@ class FedsimSweeper(Sweeper):
             old = json.loads(path.read_text())
             names = {job["name"] for job in old["jobs"]}
         except (ValueError, KeyError, TypeError, OSError) as exc:
-            _usage(f"cannot read {path} ({exc}); repair it or remove it (fedsim.report reads it)")
+            _exit_with(f"cannot read {path} ({exc}); repair it or remove it (fedsim.report reads it)")
         return {
             "swept": [*old.get("swept", []), *(k for k in swept if k not in old.get("swept", []))],
             "common": [o for o in old.get("common", []) if o in record["common"]],
@@ -337,12 +338,6 @@ def _few(names: list[str], total: int) -> str:
         return f"all {total} jobs" if total > 1 else f"job {names[0]}"
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return f"{len(names)} jobs: {', '.join(names[:3])}{more}" if len(names) > 1 else f"job {names[0]}"
-
-
-def _usage(message: str, code: int = 2) -> NoReturn:
-    """Bad input: one line, and the sweep stops before anything runs."""
-    print(f"fedsim: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def _difference(run_dir: Path, overrides: list[str]) -> str | None:
