@@ -30,7 +30,7 @@ from fedsim.state import RunState
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
-RESUMABLE = ("rounds", "eval_every", "logger", "checkpoint", "resume", "cluster", "divergence")
+RESUMABLE = ("rounds", "eval_every", "logger", "checkpoint", "resume", "overwrite", "cluster", "divergence")
 """Top-level keys a resumed run may change (run length, logging, where it runs)."""
 SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every")
 STRATEGY_RESUMABLE = ("log_weights_every",)

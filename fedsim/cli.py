@@ -164,13 +164,33 @@ def _preflight(argv: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
         _fail(_numeric_option(argv) or one_line(exc), 2)
     try:
+        check_types(cfg, reference)  # first: it needs no import of the plug-ins, so a typo is fast
         validate(cfg)
-        check_types(cfg, reference)
     except ConfigError as exc:
         _fail(str(exc), 2)
     problem = _run_dir_problem(cfg)
     if problem:
         _fail(problem, 2)
+    _claim_run_dir(Path(str(cfg.hydra.run.dir)), resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Take the run folder's lock before Hydra writes into it (the run keeps it until it ends),
+    and refuse a fresh run into a folder that holds a run: a second process, or a new run over an
+    old one, never touches a run's files. Checked again by the run itself, under the lock."""
+    from fedsim import runfolder
+
+    holder = runfolder.holder(run_dir)  # asked first, so a refusal leaves no lock file behind
+    if holder is not None:
+        _fail(runfolder.busy_message(run_dir, holder), 2)
+    held = runfolder.contents(run_dir)
+    if not resume and not overwrite and held != "empty":
+        _fail(runfolder.occupied_message(run_dir, held), 2)
+    try:
+        lock = runfolder.acquire(run_dir)
+    except runfolder.RunBusy as exc:
+        _fail(str(exc), 2)
+    runfolder.say_took_over(lock)
 
 
 def _sweep_precheck(argv: list[str]) -> None:
@@ -225,7 +245,8 @@ def _is_plain_run(argv: list[str]) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, object]:
-    """Build and run one simulation from a composed config; returns the run summary."""
+    """Build and run one simulation from a composed config; returns the run summary. A sweep
+    job claims its folder first (`fedsim.runfolder.claim`): drivers of one sweep share its jobs."""
     from fedsim.runner import execute
 
     if HydraConfig.initialized():
@@ -235,7 +256,7 @@ def run(cfg: DictConfig) -> dict[str, object]:
     else:
         output_dir = Path(os.getcwd())
         names = {}
-    return execute(cfg, output_dir=output_dir, names=names)
+    return execute(cfg, output_dir=output_dir, names=names, sweep_job=_in_sweep())
 
 
 def _leave_nothing(output_dir: Path) -> None:
@@ -243,7 +264,7 @@ def _leave_nothing(output_dir: Path) -> None:
     (and the parent folders it made for it, when they are empty)."""
     if not output_dir.is_dir():
         return
-    ours = {".hydra", "cli.log", "main.log", "__main__.log"}
+    ours = {".hydra", "cli.log", "main.log", "__main__.log", ".fedsim.lock"}
     if all(p.name in ours for p in output_dir.iterdir()):
         shutil.rmtree(output_dir, ignore_errors=True)
         for folder in _NEW_FOLDERS:
@@ -266,6 +287,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
     except (FedsimError, KeyboardInterrupt) as exc:
+        from fedsim.runfolder import Elsewhere
+
+        if isinstance(exc, Elsewhere) and _in_sweep():
+            raise  # another driver of this sweep runs (or ran) the job: the sweeper counts it as theirs
         if isinstance(exc, ConfigError) and HydraConfig.initialized():
             _leave_nothing(Path(HydraConfig.get().runtime.output_dir))
         message = str(exc) if isinstance(exc, FedsimError) else "interrupted"

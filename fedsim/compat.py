@@ -36,6 +36,9 @@ class Plan:
     nodes_per_round: int
     names: dict[str, str] = field(default_factory=dict)
     """Config group -> chosen option, as the user typed it (for the messages)."""
+    fixed_count: bool = True
+    """Whether the participation model takes exactly ``nodes_per_round`` nodes per round (False:
+    an availability model, under which the number of senders varies from round to round)."""
 
     def option(self, group: str, fallback: object) -> str:
         return f"{group}={self.names.get(group, type(fallback).__name__)}"
@@ -75,6 +78,41 @@ def check(plan: Plan) -> None:
             f"which {s} does not expose; use a fixed-strength attack (attack=alie, attack=ipm)"
         )
     strategy.check(server.rows_per_step(strategy, facts, plan.nodes_per_round))
+    possible = _most_senders(plan)
+    if possible is not None:
+        try:
+            strategy.check(possible)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (under {plan.option('participation', 'participation')} at most {possible} nodes can take "
+                "part in a step, so every step would be skipped)"
+            ) from None
+
+
+def warnings(plan: Plan) -> list[str]:
+    """What is allowed but likely wasted, said once at the start of the run: under an
+    availability model, fewer nodes take part in a step on average than the rule needs, so most
+    steps will be skipped."""
+    if plan.server.kind != "sync" or plan.fixed_count or _most_senders(plan) is None:
+        return []
+    expected = float(np.sum(plan.facts.participation_probs))
+    try:
+        plan.strategy.check(max(1, int(expected)))
+    except ConfigError as exc:
+        return [
+            f"about {expected:.1f} nodes take part in a step on average under "
+            f"{plan.option('participation', 'participation')}, and {exc}: most steps will be skipped (the model "
+            "stays); raise participation.p or num_nodes"
+        ]
+    return []
+
+
+def _most_senders(plan: Plan) -> int | None:
+    """The most rows a synchronous step can ever get under an availability model (every node that
+    may take part at all); None where the count is fixed or another server decides it."""
+    if plan.server.kind != "sync" or plan.fixed_count:
+        return None
+    return int(np.count_nonzero(plan.facts.participation_probs > 0))
 
 
 def _every_node_every_round(plan: Plan) -> bool:

@@ -64,6 +64,13 @@ class WorkersLost(Stopped):
     """Ray workers kept dying: too many failures in a row."""
 
 
+class NothingLearned(FedsimError):
+    """The run ended, but its model never changed: every aggregation was skipped (too few rows
+    for the rule). Its files are complete; the exit code (3) says that the result is void."""
+
+    exit_code = 3
+
+
 def exit_with(message: str, code: int = 2) -> NoReturn:
     """Stop the command with one line on stderr (``fedsim: error: ...``) and ``code``."""
     print(f"fedsim: error: {message}", file=sys.stderr, flush=True)

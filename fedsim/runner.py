@@ -16,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedsim import checkpoint
-from fedsim.errors import ConfigError, FedsimError, Interrupted
+from fedsim import checkpoint, runfolder
+from fedsim.config import one_element_lists
+from fedsim.errors import ConfigError, FedsimError, Interrupted, NothingLearned
 from fedsim.logging import Callback, RunMeta
 from fedsim.state import RunState
 
@@ -110,14 +111,41 @@ def resume_command(run_dir: Path) -> str:
     return command + (" (or rerun the sweep)" if sweep_of(run_dir, {}) else "")
 
 
-def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict[str, object]:
-    """Build and run one simulation; returns its summary (with ``params_sha256``)."""
+def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_job: bool = False) -> dict[str, object]:
+    """Build and run one simulation in ``output_dir``, holding that folder's lock for the whole
+    run; returns its summary (with ``params_sha256``).
+
+    A plain run refuses a folder that holds a run unless ``resume`` (continue it) or ``overwrite``
+    (replace it) is given. A sweep job (``sweep_job``) decides from what its folder holds once it
+    has the lock, since another sweep driver may have run it meanwhile: finished there, it is left
+    alone (`runfolder.Elsewhere`); with a checkpoint, resumed; with a run's files but no
+    checkpoint, run again from the start."""
+    lock = runfolder.claim(output_dir) if sweep_job else runfolder.acquire(output_dir)
+    runfolder.say_took_over(lock)
+    try:
+        return _execute(cfg, output_dir=output_dir, names=names, sweep_job=sweep_job)
+    finally:
+        runfolder.release(output_dir)
+
+
+def _execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_job: bool) -> dict[str, object]:
     from fedsim.simulation import build, make, set_driver_threads
 
     set_driver_threads(1)
+    one_element_lists(cfg)  # as the run builds it: the config saved and compared on resume is the one it ran
     config = plain_config(cfg)
+    held = runfolder.contents(output_dir)
+    resume = bool(cfg.get("resume"))
+    if sweep_job:
+        resume = held == "checkpoint"
+        if held == "partial":
+            runfolder.clear(output_dir)
+    elif not resume and held != "empty":
+        if not cfg.get("overwrite"):
+            raise ConfigError(runfolder.occupied_message(output_dir, held))
+        runfolder.clear(output_dir)
     ckpt = None
-    if cfg.get("resume"):
+    if resume:
         ckpt = checkpoint.latest(output_dir)
         if ckpt is None:
             raise ConfigError(
@@ -149,6 +177,7 @@ def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict
         guard.__exit__()
         raise Interrupted(guard.signum, 0)
     callbacks: list[Callback] = []
+    initial = checkpoint.params_sha256(sim.state.params)  # the model as built, before any resume
     try:
         if ckpt is not None:
             if tuple(ckpt.state.params.shape) != tuple(sim.state.params.shape):
@@ -156,7 +185,17 @@ def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict
                     f"the checkpoint {ckpt.path} holds a model of shape {tuple(ckpt.state.params.shape)}, "
                     f"this config builds {tuple(sim.state.params.shape)}"
                 )
+            if ckpt.round > sim.total_rounds:
+                raise ConfigError(
+                    f"the checkpoint {ckpt.path} is of step {ckpt.round}, past the {sim.total_rounds} steps this "
+                    f"config runs; give rounds (and the phase lengths) that reach at least step {ckpt.round}"
+                )
             sim.state = ckpt.state
+            print(
+                f"fedsim: resumed from step {ckpt.round} of {sim.total_rounds} ({ckpt.path})",
+                file=sys.stderr,
+                flush=True,
+            )
         callbacks = list(make(cfg.logger.callbacks)) if cfg.logger.get("callbacks") else []
         meta = RunMeta(
             output_dir,
@@ -170,6 +209,8 @@ def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict
         )
         for cb in callbacks:
             cb.on_run_start(meta)
+            for message in sim.warnings:
+                cb.on_warning(sim.state.round, message)
         ck = cfg.get("checkpoint") or {}
         saver = Saver(output_dir, callbacks, config, every=int(ck.get("every", 0) or 0), keep=int(ck.get("keep", 2)))
         if ckpt is not None:
@@ -209,6 +250,12 @@ def execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str]) -> dict
         for cb in callbacks:
             cb.on_run_end(summary)
         callbacks = []
+        skipped = summary.get("agg/skipped_total", 0)
+        if isinstance(skipped, int) and skipped and summary["params_sha256"] == initial:
+            raise NothingLearned(
+                f"the model never changed: {skipped} of {state.round} steps were skipped for too few rows and the "
+                f"others did not move it; {pipeline.skip_cause()}"
+            )
         return summary
     finally:
         for cb in callbacks:  # an error before the run started: close the logs

@@ -63,6 +63,8 @@ class Simulation:
     byzantine: Byzantine = field(default_factory=Byzantine)
     latency: Any = None
     names: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """What the compatibility check allows but expects to waste (`compat.warnings`), said at start."""
 
     def pipeline(
         self,
@@ -169,7 +171,10 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         attack=byzantine.kind,
         members=tuple(i for i in range(num_nodes) if byzantine.trains(i)),
     )
-    compat.check(compat.Plan(strategy, server, byzantine, uplink, facts, per_round, names))
+    plan = compat.Plan(
+        strategy, server, byzantine, uplink, facts, per_round, names, fixed_count=participation.uses_nodes_per_round
+    )
+    compat.check(plan)
     spec = WorkerSpec(
         model_factory,
         dataset.input_shape,
@@ -199,6 +204,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         byzantine,
         latency,
         names,
+        compat.warnings(plan),
     )
 
 

@@ -209,7 +209,7 @@ def test_vrls_headline_command_on_cifar10_files(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    rounds = [r for r in records[1:-1]]
+    rounds = [r for r in records[1:-1] if r["event"] == "round"]
     assert [r["vrls/phase"] for r in rounds] == [0, 0, 0, 1, 1, 2, 3, 3]
     assert records[0]["config"]["num_nodes"] == 20 and records[-1]["rounds"] == 8
     assert "eval/node_acc_mean" in records[-1] and "vrls/ratio_mse_mean" in rounds[6]

@@ -70,7 +70,8 @@ def test_a_sweep_runs_jobs_at_once_survives_a_failing_job_and_reruns_only_what_i
         else:  # the NaN attack diverges the mean: this job fails, the sweep goes on
             assert records[-1]["event"] != "run_end"
             assert f"job {name} failed: the model became NaN" in first.stderr and "(or rerun the sweep)" in first.stderr
-    assert "2 of 4 jobs done, 2 failed" in first.stderr
+    assert "2 of 4 jobs done (2 here, 0 before), 2 failed" in first.stderr
+    assert first.stderr.count("sweep: 2/4 done, 2 failed, 0 queued or running") == 1  # the last line agrees
     index = json.loads((d / "sweep.json").read_text())
     assert index["swept"] == ["attack", "seed"] and [j["name"] for j in index["jobs"]] == names
 
@@ -395,15 +396,26 @@ def test_the_command_line_wins_over_a_variant_and_job_folders_do_not_depend_on_t
         assert parser.parse_override(f"hydra.sweep.subdir={quoted(name)}").value() == name
 
 
-def test_the_progress_line_counts_the_jobs_left_and_estimates_from_the_throughput(capsys):
-    from hydra_plugins.fedsim_plugins.launcher import _progress
+def test_the_progress_line_counts_every_job_of_the_sweep_and_estimates_from_the_throughput(capsys):
+    from hydra.core.utils import JobReturn, JobStatus
 
-    _progress(1, 0, 20, 60.0, 4)  # one job ended after a minute: too early to tell
-    _progress(4, 1, 20, 120.0, 4)  # 4 jobs in 2 minutes: 16 left take 8
+    from fedsim.runfolder import Elsewhere
+    from hydra_plugins.fedsim_plugins.launcher import Tally, _failed, _progress
+
+    ok = JobReturn()
+    ok.status, ok.return_value = JobStatus.COMPLETED, 0.5
+    tally = Tally(22, done=1, failed=1)  # one job done before, one with a bad config
+    _progress(tally, 0, 0.0, 4)  # from the start
+    tally.count(ok)
+    _progress(tally, 1, 60.0, 4)  # one job ended after a minute: too early to tell
+    for ret in (ok, _failed("boom"), _failed(Elsewhere("held", done=False))):
+        tally.count(ret)
+    _progress(tally, 4, 120.0, 4)  # 4 jobs returned in 2 minutes: 16 left take 8
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        "sweep: 1/20 done, 0 failed, 19 queued or running (4 at a time), ETA ?",
-        "sweep: 3/20 done, 1 failed, 16 queued or running (4 at a time), ETA 8.0 min",
+        "sweep: 1/22 done, 1 failed, 20 queued or running (4 at a time), ETA ? (after the first jobs)",
+        "sweep: 2/22 done, 1 failed, 19 queued or running (4 at a time), ETA ? (after the first jobs)",
+        "sweep: 3/22 done, 2 failed, 1 with other drivers, 16 queued or running (4 at a time), ETA 8.0 min",
     ]
 
 

@@ -2,7 +2,9 @@
 
 A callback has these hooks, each optional: ``on_run_start(meta)``, ``on_round_end(round,
 metrics)``, ``on_run_end(summary)``, ``on_run_stop(reason)`` (the run stops early: a signal, a
-divergence, lost workers, an error), and for resumable runs ``position()``, what it needs to
+divergence, lost workers, an error), ``on_warning(round, message)`` (something the user should
+know now, e.g. a degenerate estimate; a strategy raises one by returning ``warnings``, a list of
+one-line texts, among a step's metrics), and for resumable runs ``position()``, what it needs to
 continue after a checkpoint (``meta.resume`` hands it back). Metric keys are namespaced:
 ``train/``, ``eval/``, ``agg/``, ``comm/``, ``time/``.
 """
@@ -53,6 +55,9 @@ class Callback:
         pass
 
     def on_run_stop(self, reason: str) -> None:
+        pass
+
+    def on_warning(self, round_: int, message: str) -> None:
         pass
 
     def position(self) -> dict[str, Any]:

@@ -43,6 +43,15 @@ class ProgressBar(Callback):
             self.bar.close()
             self.bar = None
 
+    def on_warning(self, round_: int, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"fedsim: warning (step {round_}): {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -52,8 +61,12 @@ class ProgressBar(Callback):
         parts = [
             f"{k}={summary[k]:.4f}" for k in ("eval/acc", "eval/node_acc_min", "eval/node_acc_mean") if k in summary
         ]
+        rounds, skipped = summary.get("rounds"), summary.get("agg/skipped_total", 0)
+        if skipped:
+            parts.append(f"skipped {skipped} of {rounds} steps (too few rows for the rule)")
+            if isinstance(rounds, int) and 2 * skipped > rounds:
+                parts[-1] = f"SKIPPED {skipped} of {rounds} steps: {summary.get('agg/skip_cause', 'too few rows')}"
         print(
-            f"fedsim: done, {summary.get('rounds')} rounds in {summary.get('time/elapsed_s', 0):.1f}s  "
-            + "  ".join(parts),
+            f"fedsim: done, {rounds} rounds in {summary.get('time/elapsed_s', 0):.1f}s  " + "  ".join(parts),
             file=sys.stderr,
         )

@@ -1,5 +1,6 @@
 """One JSON object per line: a ``run_start`` record, one record per step, a ``run_end`` record
-(with ``params_sha256``), or ``stopped`` when the run stops early. Strict JSON: non-finite numbers
+(with ``params_sha256``), or ``stopped`` when the run stops early; ``warning`` records (round,
+message) come between the steps. Strict JSON: non-finite numbers
 are written as null. A resumed run cuts the file back to the checkpoint's offset (dropping the
 steps it will redo), notes a ``resume`` record and appends, so every step appears exactly once."""
 
@@ -54,6 +55,10 @@ class JsonlLogger(Callback):
     def on_round_end(self, round_: int, metrics: dict[str, Any]) -> None:
         if self.fh is not None:
             self._write({"event": "round", **metrics})
+
+    def on_warning(self, round_: int, message: str) -> None:
+        if self.fh is not None:
+            self._write({"event": "warning", "round": round_, "message": message})
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.fh is not None:

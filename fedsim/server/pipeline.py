@@ -139,6 +139,8 @@ class Pipeline:
         """How a large step is summed where the nodes run (`Reduce`), decided from the contract:
         a linear strategy at the synchronous server, without faulty nodes (attacks need the
         rows) or an uplink estimate; None: rows are shipped."""
+        self.skips: list[tuple[int, str]] = []
+        """(rows, why) of every step of this process that was skipped for too few rows."""
         self.boundary: RunState | None = None
         """The state after the last complete step (or the starting state): what a checkpoint on
         failure saves. Servers never mutate a state object once a step has produced it."""
@@ -210,6 +212,8 @@ class Pipeline:
         if skip_empty and len(batch) == 0:
             return None
         too_few = self.too_few_rows(len(batch))
+        if too_few:
+            self.skips.append((len(batch), too_few))
         if (len(batch) == 0 and not caps.accepts_empty) or too_few:
             # nobody took part (availability models), every sampled node is silent, or fewer rows
             # arrived than the rule needs (partial participation): the model stays; strategies
@@ -236,11 +240,12 @@ class Pipeline:
             **attack_metrics,
             "train/samples": samples,
         }
+        counts = {"samples": samples, **({"skipped": 1} if too_few else {})}
         if self.facts.server == "p2p":  # no uplink: members exchange models (the server counts them)
-            totals = add_totals(state.totals, samples=samples)
+            totals = add_totals(state.totals, **counts)
         else:
             up = int(batch.bytes_up.sum())
-            totals = add_totals(state.totals, bytes_up=up, samples=samples)
+            totals = add_totals(state.totals, bytes_up=up, **counts)
             metrics.update({"comm/bytes_up": up, "comm/bytes_up_total": totals["bytes_up"]})
         self.check_divergence(state, params, node_metrics.get("train/loss"), totals, info, attacked=attacked)
         new = state.replace(
@@ -254,17 +259,18 @@ class Pipeline:
         )
         return new, metrics
 
-    def too_few_rows(self, rows: int) -> bool:
-        """Whether this step has fewer rows than the strategy's rule needs (possible only when
-        the number of senders varies: availability models, asynchronous buffers)."""
+    def too_few_rows(self, rows: int) -> str | None:
+        """Why this step has fewer rows than the strategy's rule needs (None when it has enough;
+        possible only when the number of senders varies: availability models, asynchronous
+        buffers)."""
         if rows == 0:
-            return False
+            return None
         declared = self.strategy.rows_per_step(self.facts)
         try:
             self.strategy.check(rows if declared is None else int(declared))
-        except ConfigError:
-            return True
-        return False
+        except ConfigError as exc:
+            return str(exc)
+        return None
 
     def rows(self, batch: UpdateBatch, params: torch.Tensor, starts: Starts | None) -> UpdateBatch:
         """The batch in the strategy's row space (`Capabilities.rows`)."""
@@ -348,17 +354,33 @@ class Pipeline:
         last complete one (checkpoints and signal stops happen here, between steps)."""
         metrics["time/round_s"] = time.perf_counter() - t0
         metrics["time/elapsed_s"] = time.perf_counter() - self.start
+        warnings = metrics.pop("warnings", None) or []
         for cb in self.callbacks:
             cb.on_round_end(t, metrics)
+            for message in warnings:
+                cb.on_warning(t, str(message))
         self.boundary = state
         if self.on_boundary is not None:
             self.on_boundary(state)
 
     def summary(self, state: RunState, last_eval: dict[str, object], **extra: object) -> dict[str, object]:
-        """The end-of-run summary: rounds, the last evaluation's scalars, totals, wall time."""
+        """The end-of-run summary: rounds, the last evaluation's scalars, totals (skipped steps
+        among them), wall time."""
         return {
             "rounds": state.round,
             **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
             **extra,
+            "agg/skipped_total": int(state.totals.get("skipped", 0)),
+            **({"agg/skip_cause": self.skip_cause()} if state.totals.get("skipped") else {}),
             "time/elapsed_s": time.perf_counter() - self.start,
         }
+
+    def skip_cause(self) -> str:
+        """Why steps were skipped, for the run's last line: the rule's own words for the step
+        with the most rows that was still skipped."""
+        if not self.skips:
+            return "too few rows arrived for the aggregation rule"
+        rows, why = max(self.skips, key=lambda s: s[0])
+        varies = not getattr(self.participation, "uses_nodes_per_round", True)
+        hint = "; the participation model ignores nodes_per_round: raise participation.p or num_nodes" if varies else ""
+        return f"{why} (at most {rows} rows arrived in a skipped step){hint}"

@@ -41,9 +41,16 @@ def _run_job(
     the Ray node it ran on."""
     import ray
 
+    from fedsim import runfolder
+
     setup_globals()
     Singleton.set_state(singleton_state)
     node = ray.get_runtime_context().get_node_id()
+    job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)  # as Hydra's run_job makes it
+    try:  # claimed before Hydra writes into the folder: another driver of this sweep may hold it
+        runfolder.claim(job_dir)
+    except runfolder.Elsewhere as exc:
+        return _failed(exc), node
     try:
         ret = run_job(
             hydra_context=hydra_context,
@@ -56,14 +63,25 @@ def _run_job(
         from hydra_plugins.fedsim_plugins.sweeper import SweepInterrupted
 
         ret = _failed(str(exc) if isinstance(exc, SweepInterrupted) else f"{type(exc).__name__}: {exc}")
+    finally:
+        runfolder.release(job_dir)  # a Ray worker process outlives the job
     return ret, node
 
 
-def _failed(why: str) -> JobReturn:
+def _failed(why: str | BaseException) -> JobReturn:
     ret = JobReturn()
     ret.status = JobStatus.FAILED
-    ret.return_value = RuntimeError(why)
+    ret.return_value = why if isinstance(why, BaseException) else RuntimeError(why)
     return ret
+
+
+def elsewhere(ret: JobReturn) -> bool | None:
+    """For a job that another driver of the sweep holds or finished: whether it is finished
+    there (True) or still running (False); None for a job of this driver."""
+    from fedsim.runfolder import Elsewhere
+
+    value = ret._return_value
+    return value.done if isinstance(value, Elsewhere) else None
 
 
 class RayLauncher(Launcher):
@@ -80,6 +98,9 @@ class RayLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
         self.owns: bool | None = None
         """Whether this launcher started Ray (None: not started yet)."""
+        self.before = Tally()
+        """The sweep's jobs settled before launch (the sweeper sets it): the progress line counts
+        all the jobs of the sweep, as the sweeper's summary does."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -120,6 +141,7 @@ class RayLauncher(Launcher):
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(self.cpus_per_job, 1))
         remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=0)(_run_job)
         futures: dict[Any, int] = {}
+        names: list[str] = []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             own = [o for o in overrides if not _placement(o)]
@@ -129,14 +151,15 @@ class RayLauncher(Launcher):
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx
+            names.append(str(sweep_config.hydra.sweep.subdir))
             ref = remote.remote(self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
             futures[ref] = i
         results: list[JobReturn | None] = [None] * len(job_overrides)
-        start, failed = time.monotonic(), 0
+        start = time.monotonic()
         nodes: dict[str, int] = {}
-
-        total = len(job_overrides)
+        tally = Tally(self.before.total or len(job_overrides), self.before.done, self.before.failed)
         pending = list(futures)
+        _progress(tally, 0, time.monotonic() - start, slots)
         # Ray's driver handler for SIGTERM exits at once (no job would checkpoint): ours interrupts
         main = threading.current_thread() is threading.main_thread()
         _TERMINATED.clear()
@@ -151,9 +174,9 @@ class RayLauncher(Launcher):
                     except Exception as exc:  # noqa: BLE001 - its worker died (killed, out of memory)
                         ret = _failed(f"its Ray worker died ({type(exc).__name__}); rerun the sweep to resume it")
                     results[futures[ref]] = ret
-                    failed += ret.status != JobStatus.COMPLETED
-                done = total - len(pending)
-                _progress(done, failed, total, time.monotonic() - start, slots)
+                    tally.count(ret)
+                    _job_line(names[futures[ref]], ret)
+                _progress(tally, len(job_overrides) - len(pending), time.monotonic() - start, slots)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running jobs checkpoint, then the sweep stops
             for ref in pending:
                 ray.cancel(ref)
@@ -186,21 +209,65 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _progress(done: int, failed: int, total: int, elapsed: float, slots: int) -> None:
-    """The sweep's one progress line: rewritten in place on a terminal, else printed every 5 %.
-    Every job is submitted at once, so the jobs not done are queued or running (at most ``slots``,
-    the jobs the cluster's CPUs hold at a time, run). The ETA is the throughput so far applied to
-    the jobs left, once ``slots`` jobs are done (before that, the first jobs to end say little)."""
-    left = total - done
-    eta = elapsed / done * left if done >= slots else float("nan")
-    eta_txt = f"{eta / 60:.1f} min" if eta == eta else "?"
+class Tally:
+    """The jobs of a sweep by outcome: ``done`` (here or before), ``failed``, and those another
+    driver of the same sweep finished (``other_done``) or still runs (``other_running``). (A
+    plain class: Hydra's plugin scan runs this module outside ``sys.modules``, where
+    ``@dataclass`` fails.)"""
+
+    def __init__(self, total: int = 0, done: int = 0, failed: int = 0) -> None:
+        self.total, self.done, self.failed = total, done, failed
+        self.other_done = self.other_running = 0
+
+    def count(self, ret: JobReturn) -> None:
+        there = elsewhere(ret)
+        if there is True:
+            self.other_done += 1
+        elif there is False:
+            self.other_running += 1
+        elif ret.status == JobStatus.COMPLETED:
+            self.done += 1
+        else:
+            self.failed += 1
+
+    @property
+    def settled(self) -> int:
+        return self.done + self.failed + self.other_done + self.other_running
+
+
+def _job_line(name: str, ret: JobReturn) -> None:
+    """One line per job as it ends: its result here, or the other driver that has it."""
+    there = elsewhere(ret)
+    if there is not None:
+        what = "finished by another driver of this sweep" if there else "running in another driver of this sweep"
+        line = f"fedsim: job {name}: {what}"
+    elif ret.status == JobStatus.COMPLETED:
+        value = ret._return_value
+        line = f"fedsim: job {name} done" + (f": eval/acc={value:.4f}" if isinstance(value, float) else "")
+    else:
+        text = str(ret._return_value).strip()
+        line = f"fedsim: job {name} failed: {text.splitlines()[0] if text else type(ret._return_value).__name__}"
+    print(("\r" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
+
+
+def _progress(tally: Tally, returned: int, elapsed: float, slots: int) -> None:
+    """The sweep's one progress line, from the start: rewritten in place on a terminal, else
+    printed at the start and every 5 %. It counts every job of the sweep, as the sweeper's
+    summary does. Every job is submitted at once, so the jobs not settled are queued or running
+    (at most ``slots``, the jobs the cluster's CPUs hold at a time, run). The ETA is the throughput
+    so far applied to the jobs left, once ``slots`` jobs have returned here."""
+    left = tally.total - tally.settled
+    eta = elapsed / returned * left if returned >= slots else float("nan")
+    eta_txt = f"{eta / 60:.1f} min" if eta == eta else "? (after the first jobs)"
+    other = tally.other_done + tally.other_running
     line = (
-        f"sweep: {done - failed}/{total} done, {failed} failed, {left} queued or running "
-        f"({slots} at a time), ETA {eta_txt}"
+        f"sweep: {tally.done}/{tally.total} done, {tally.failed} failed, "
+        + (f"{other} with other drivers, " if other else "")
+        + f"{left} queued or running ({slots} at a time), ETA {eta_txt}"
     )
     if sys.stderr.isatty():
         print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
-    elif done == total or done % max(1, total // 20) == 0:
+    elif left == 0 or returned == 0 or returned % max(1, tally.total // 20) == 0:
         print(line, file=sys.stderr, flush=True)
 
 

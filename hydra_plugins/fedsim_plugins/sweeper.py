@@ -15,6 +15,14 @@ the variant last), so that running the same sweep again:
 
 and stops before anything runs when a job it would skip or resume ran with other overrides.
 
+Drivers cooperate: the same sweep started more than once on one sweep folder (from two terminals,
+or on several machines that share the filesystem) splits its jobs. A job is claimed when it is
+about to start, by taking its folder's lock (``fedsim.runfolder``); a job another driver holds or
+has finished is left to it, and then decided only under the lock (finished: left alone; with a
+checkpoint: resumed; with files but no checkpoint: run again), so no job runs twice. Each driver
+prints a line per job it settles and a summary whose counts add up (done here, before, by other
+drivers; failed; still running elsewhere).
+
 A job that fails does not stop the others; the sweep prints one line per failed job and exits with
 the number of failures (capped at 125); an interrupt (Ctrl-C, SIGTERM) ends the whole sweep (exit
 130 or 143). ``sweep.json`` in the sweep folder lists the swept keys and every job's values
@@ -40,7 +48,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fedsim.config import validate
 from fedsim.errors import FedsimError
 from fedsim.errors import exit_with as _exit_with
-from hydra_plugins.fedsim_plugins.launcher import _placement
+from fedsim.runfolder import finished
+from hydra_plugins.fedsim_plugins.launcher import RayLauncher, Tally, _placement, elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +66,6 @@ class SweepInterrupted(BaseException):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def finished(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` ended (its last metrics record is ``run_end``)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return False
-    lines = path.read_text().strip().splitlines()
-    try:
-        return bool(lines) and json.loads(lines[-1]).get("event") == "run_end"
-    except json.JSONDecodeError:
-        return False
 
 
 def job_name(values: list[tuple[str, str]]) -> str:
@@ -101,7 +98,14 @@ def settings(overrides: list[str]) -> dict[str, str]:
             key, value = parsed.key_or_group, parsed.get_value_element_as_str()
         except Exception:  # noqa: BLE001 - compared as written
             key = key.lstrip("+")
-        if _placement(key) or key.split(".")[0] in ("resume", "hydra", "logger", "checkpoint", "divergence"):
+        if _placement(key) or key.split(".")[0] in (
+            "resume",
+            "overwrite",
+            "hydra",
+            "logger",
+            "checkpoint",
+            "divergence",
+        ):
             continue
         out[key] = value
     return out
@@ -208,8 +212,6 @@ class FedsimSweeper(Sweeper):
             if done:
                 skipped += 1
                 continue
-            if resumable:
-                overrides.append("resume=true")
             try:  # a job whose config does not compose or validate fails alone, before anything runs
                 validate(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
             except Exception as exc:  # noqa: BLE001 - reported as this job's failure
@@ -250,6 +252,8 @@ class FedsimSweeper(Sweeper):
             file=sys.stderr,
             flush=True,
         )
+        if isinstance(self.launcher, RayLauncher):
+            self.launcher.before = Tally(len(jobs), skipped, len(failed))
         try:
             results: list[JobReturn] = list(self.launcher.launch(todo, initial_job_idx=0)) if todo else []
         except (KeyboardInterrupt, SweepInterrupted) as exc:  # Ctrl-C or SIGTERM: the whole sweep stops
@@ -260,14 +264,21 @@ class FedsimSweeper(Sweeper):
                 flush=True,
             )
             sys.exit(code)
+        tally = Tally(len(jobs))
         for label, ret in zip(labels, results):
-            if ret.status != JobStatus.COMPLETED:
+            tally.count(ret)
+            if ret.status != JobStatus.COMPLETED and elsewhere(ret) is None:
                 failed.append((label, _reason(ret)))
         for label, why in failed:
             print(f"fedsim: job {label} failed: {why}", file=sys.stderr)
-        ok = skipped + len(results) - sum(1 for r in results if r.status != JobStatus.COMPLETED)
+        ok = skipped + tally.done + tally.other_done
+        where = f"{tally.done} here, {skipped} before"
+        if tally.other_done or tally.other_running:
+            where += f", {tally.other_done} by other drivers of this sweep"
+        running = f"; {tally.other_running} still running in other drivers" if tally.other_running else ""
         print(
-            f"fedsim: sweep finished: {ok} of {len(jobs)} jobs done, {len(failed)} failed ({sweep_dir})",
+            f"fedsim: sweep finished: {ok} of {len(jobs)} jobs done ({where}), {len(failed)} failed{running} "
+            f"({sweep_dir})",
             file=sys.stderr,
             flush=True,
         )
