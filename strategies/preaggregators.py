@@ -173,10 +173,14 @@ _TAKES_F = (NNM, ARC)
 
 def build_chain(spec: Iterable[Any] | None, *, f: int) -> list[PreRule]:
     """Turn a YAML list (names, ``{name: ..., **options}``, ``{_target_: ...}``, objects) into
-    pre-aggregator objects; NNM and ARC get the declared ``f`` unless the entry sets its own."""
+    pre-aggregator objects; NNM and ARC get the declared ``f`` unless the entry sets its own.
+    One entry given alone (``preaggregators=nnm``, a dict, an object) is a chain of one: not a
+    name to read letter by letter."""
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
+    if isinstance(spec, (str, Mapping, PreRule)) or callable(spec):
+        spec = [spec]
     chain: list[PreRule] = []
     for item in spec or ():
         if isinstance(item, DictConfig):
