@@ -16,6 +16,8 @@ outputs on unlabelled test inputs:
   (1 + P + P^2) numbers per node, never logits or data.
 - `smoothed_prior` / `class_weights`: π with a pseudo-count floor, and the per-class weights
   target / π with an optional cap.
+- `dropped_classes` / `collapsed` / `em_unconverged` / `calibration_step` / `confusion_rank`: the
+  checks that tell a degenerate estimate without the test labels (docs/methods/vrls.md, "Warnings").
 
 Everything runs in float64 on numpy arrays.
 """
@@ -213,3 +215,70 @@ def entropy_regularised_loss(logits: torch.Tensor, y: torch.Tensor, zeta: float)
     logp = torch.log_softmax(logits, dim=1)
     neg_entropy = (logp.exp() * logp).sum(dim=1).mean()
     return ce + zeta * neg_entropy
+
+
+DROP_RATIO = 1e-3
+"""A class whose target mass is below this fraction of its training share is dropped by IW-ERM."""
+COLLAPSE = 0.99
+"""A marginal with at least this mass on one class has collapsed onto it."""
+CALIBRATION_STEP = 1e-2
+"""A last calibration step larger than this (relative in 1/T, absolute in the biases): unfinished."""
+
+
+def dropped_classes(target: np.ndarray, prior: np.ndarray, *, ratio: float = DROP_RATIO) -> np.ndarray:
+    """The classes y with π(y) > 0 and target(y) < ``ratio`` · π(y), ascending.
+
+    IW-ERM weights node k's examples of class y by target(y)/π_k(y), so the share of class y in
+    the whole weighted loss is target(y) where plain training gives it π(y): below a thousandth of
+    its training share (``ratio`` 1e-3) the class is, in effect, not trained on. An estimate puts
+    such mass on a class when the predictor gives it (almost) no posterior on any test input: a
+    predictor that cannot recognise the class yet, unless the class is truly absent from every
+    node's test data. No test label is needed. Classes with π(y) = 0 (no training example,
+    ``prior_floor=0``) are left out: no weight reaches them anyway."""
+    target = np.asarray(target, dtype=np.float64)
+    prior = np.asarray(prior, dtype=np.float64)
+    return np.flatnonzero((prior > 0) & ~(target >= ratio * prior))
+
+
+def collapsed(marginal: np.ndarray, *, mass: float = COLLAPSE) -> int | None:
+    """The class holding at least ``mass`` of ``marginal`` (None if none does): IW-ERM towards such
+    a target trains a near-constant classifier."""
+    q = np.asarray(marginal, dtype=np.float64)
+    if len(q) == 0 or not np.isfinite(q).all():
+        return None
+    top = int(np.argmax(q))
+    return top if q[top] >= mass else None
+
+
+def em_unconverged(iterations: np.ndarray, max_iter: int) -> int:
+    """How many EM runs stopped at their cap ``max_iter`` (`em_marginal` returns the cap when the
+    change ||q_new − q||_1 never fell below its tolerance). NaN entries: no run."""
+    it = np.asarray(iterations, dtype=np.float64)
+    return int((np.isfinite(it) & (it >= max_iter)).sum())
+
+
+def calibration_step(old: np.ndarray, new: np.ndarray) -> float:
+    """The size of a calibration step θ_old → θ_new: max(|Δβ|/β, max_c |Δb_c|), the relative change
+    of the inverse temperature β and the absolute change of the class biases (logit units). Newton
+    on the convex NLL shrinks its steps quadratically near the optimum, so a last step above
+    `CALIBRATION_STEP` (1 %) means the posteriors EM uses are still measurably off calibration
+    (or the trust region, β at most ×4 per step, was still binding)."""
+    old = np.asarray(old, dtype=np.float64)
+    new = np.asarray(new, dtype=np.float64)
+    if len(old) == 0:
+        return 0.0
+    step = abs(float(new[0] - old[0])) / max(abs(float(old[0])), 1e-12)
+    if len(old) > 1:
+        step = max(step, float(np.abs(new[1:] - old[1:]).max()))
+    return step
+
+
+def confusion_rank(confusion: np.ndarray) -> int:
+    """The numerical rank of BBSE's confusion matrix Ĉ (joint counts or frequencies). Below the
+    number of trained classes, Ĉ w = μ̂ has no unique solution: a class without held-out examples
+    (a zero column) or one the predictor never predicts (a zero row) has a weight that BBSE cannot
+    identify (least squares then gives it the minimum-norm answer, typically 0)."""
+    C = np.asarray(confusion, dtype=np.float64)
+    if C.size == 0 or not np.isfinite(C).all() or C.sum() <= 0:
+        return 0
+    return int(np.linalg.matrix_rank(C / C.sum()))

@@ -61,7 +61,18 @@ Metrics (when the pooled target is formed, or at the first training round for ``
 weight with the same π_k), its ``_min``/``_mean``/``_max``; ``vrls/single_ratio_mse`` (per node
 j, the mean of (q̂_j/π − q_j/π)², the single-node ratio against the predictor's prior);
 ``vrls/marginal_l1`` (||q̂_j − q_j||_1). Every round: ``vrls/phase`` (0 predictor, 1 calibrate,
-2 estimate, 3 train); in calibration ``vrls/calib_nll`` and ``vrls/temperature``.
+2 estimate, 3 train); in calibration ``vrls/calib_nll``, ``vrls/temperature`` and ``vrls/calib_step``
+(the size of the round's Newton step); in estimation ``vrls/em_iters_max``, and when the target is
+formed ``vrls/estimates``, ``vrls/untrained_classes``, ``vrls/target_dropped``, ``vrls/target_max``,
+``vrls/degenerate_nodes`` and ``vrls/em_unconverged`` (BBSE: ``vrls/confusion_rank``).
+
+Warnings (docs/methods/vrls.md, "Warnings"): at the end of calibration and of estimation the server
+checks what it holds, without any test label, and returns a one-line warning per failed check among
+the step's metrics (``warnings``; the console and metrics.jsonl show it): calibration unfinished
+(`VRLS.calibration_warning`); too few estimates, classes without training examples, a degenerate
+ratio estimate (the pooled target drops classes or collapses onto one), EM stopped at its cap,
+BBSE's confusion matrix rank-deficient (`VRLS.estimate_checks`). Each phase ends once, so each
+warning comes at most once per run. The checks read the state and change nothing.
 """
 
 from __future__ import annotations
@@ -430,6 +441,7 @@ class VRLS(FedAvg):
             node_confusion=np.full((k, c * c), np.nan),
             q_hat=np.full((k, c), np.nan),
             sample=np.zeros(k),
+            em_iters=np.full(k, np.nan),
             target=None,
             true_train=train,
             true_test=test,
@@ -518,10 +530,13 @@ class VRLS(FedAvg):
         ids = batch.node_ids.tolist()
         if phase == "calibrate":
             return (params, *self.calibrate_step(state, reports, ids, c, metrics, info))
-        state = {**state, "q_hat": state["q_hat"].copy(), "sample": state["sample"].copy()}
+        em_iters = state.get("em_iters")  # absent in checkpoints written before the warnings
+        em_iters = np.full(len(state["q_hat"]), np.nan) if em_iters is None else em_iters.copy()
+        state = {**state, "q_hat": state["q_hat"].copy(), "sample": state["sample"].copy(), "em_iters": em_iters}
         for nid, row in zip(ids, reports):
             state["q_hat"][nid] = _distribution(row[:c])
             state["sample"][nid] = max(float(row[c]), 0.0) if np.isfinite(row[c]) else 0.0
+            em_iters[nid] = max(float(row[c + 1]), 0.0) if np.isfinite(row[c + 1]) else 0.0
         metrics["vrls/em_iters_max"] = float(max((row[c + 1] for row in reports), default=0.0))
         rounds = state["phase_round"] + 1
         state["phase_round"] = rounds
@@ -535,6 +550,10 @@ class VRLS(FedAvg):
             state["target"] = _distribution(self.robust_pool(state["q_hat"][reported], info.round, info.seed))
         else:
             state["target"] = self.pooled(state["q_hat"][reported], state["sample"][reported])
+        checks, warnings = self.estimate_checks(state)
+        metrics.update(checks)
+        if warnings:
+            metrics["warnings"] = warnings
         state.update(phase="train", phase_round=0)
         if self.restart:
             params = state.pop("init")
@@ -581,8 +600,10 @@ class VRLS(FedAvg):
         elif n_val > 0:
             metrics["vrls/calib_nll"] = nll / n_val
             theta = _newton(theta, grad, hess)
+        step = ls.calibration_step(state["theta"], theta)
         if p:
             metrics["vrls/temperature"] = 1.0 / float(theta[0])
+            metrics["vrls/calib_step"] = step
         rounds = state["phase_round"] + 1
         new = {
             **state,
@@ -597,7 +618,127 @@ class VRLS(FedAvg):
         }
         if rounds >= self.calibration_rounds:
             new.update(phase="estimate", phase_round=0)
+            if p and step > ls.CALIBRATION_STEP and len(set(ids)) == len(counted):
+                metrics["warnings"] = [self.calibration_warning(state["theta"], theta)]
         return new, metrics
+
+    # -- warnings (from what the server has; no test label) -----------------------------------
+
+    def calibration_warning(self, old: np.ndarray, new: np.ndarray) -> str:
+        """The one line for a calibration whose last Newton step was still larger than
+        `ls.CALIBRATION_STEP` (see `ls.calibration_step`). Checked only when every node reported
+        in the last calibration round: under partial participation each round's step fits another
+        subset of the held-out data, and its size measures that sampling noise, not convergence."""
+        moved = f"the inverse temperature by {abs(float(new[0] - old[0])) / max(abs(float(old[0])), 1e-12):.1%}"
+        if len(old) > 1:
+            moved += f" and a class bias by up to {float(np.abs(new[1:] - old[1:]).max()):.3g}"
+        return (
+            f"VRLS: calibration did not converge in strategy.calibration_rounds={self.calibration_rounds} rounds (its "
+            f"last Newton step still moved {moved}; converged steps are below {ls.CALIBRATION_STEP:g}), so EM gets "
+            "miscalibrated posteriors: raise strategy.calibration_rounds"
+        )
+
+    def estimate_checks(self, state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The checks at the end of the estimate phase, on what the server holds then (the nodes'
+        estimates q̂_j, the pooled target p̂, the pooled prior π, the EM iteration counts, BBSE's
+        pooled confusion matrix); none needs a test label. Returns the metrics and the warnings
+        (one line each; docs/methods/vrls.md, "Warnings"):
+
+        - coverage: no node, or fewer than half of them, sent an estimate (raise ``estimate_rounds``);
+        - untrained classes: no reporting node has a training example of them (the data, not the
+          estimate: said so that the degenerate-estimate advice is not misread);
+        - degenerate ratio estimate: p̂ drops classes that have training examples
+          (`ls.dropped_classes`: p̂(y) < 1e-3 π(y), IW-ERM then does not train on them) or has
+          collapsed onto one class (`ls.collapsed`: ≥ 0.99);
+          ``vrls/degenerate_nodes`` counts the nodes whose own q̂_j drops one of those classes or
+          collapses onto the same class (raise ``predictor_rounds``; BBSE: or ``holdout``);
+        - EM did not converge: it stopped at ``em_max_iter`` on some nodes (vrls, mlls);
+        - BBSE's confusion matrix is rank-deficient (`ls.confusion_rank`): some class weights are
+          not identifiable.
+        """
+        q_hat, target = state["q_hat"], np.asarray(state["target"], dtype=np.float64)
+        k, c = q_hat.shape
+        reported = np.isfinite(q_hat).all(1)
+        n = int(reported.sum())
+        rounds = f"{self.estimate_rounds} estimate round{'s' if self.estimate_rounds > 1 else ''}"
+        raise_predictor = f"raise strategy.predictor_rounds (now {self.predictor_rounds})"
+        if self.estimator == "bbse":
+            raise_predictor += f" or strategy.client.holdout (now {self.client.holdout:g})"
+        metrics: dict[str, Any] = {}
+        warnings: list[str] = []
+        if n == 0:
+            return metrics, [
+                f"VRLS: no node sent an estimate in the {rounds}, so IW-ERM trains towards the training prior "
+                "(no correction): raise strategy.estimate_rounds"
+            ]
+        if 2 * n < k:
+            warnings.append(
+                f"VRLS: only {n} of {k} nodes sent an estimate in the {rounds}, so the target leaves out the "
+                f"others' test data: raise strategy.estimate_rounds (now {self.estimate_rounds})"
+            )
+        trained = state["counts"] > 0  # a class without training examples: no weight reaches it anyway
+        metrics["vrls/untrained_classes"] = int(c - trained.sum())
+        if not trained.all():
+            warnings.append(
+                f"VRLS: {int(c - trained.sum())} of {c} classes ({_names(np.flatnonzero(~trained))}) have no training "
+                "example on the nodes that reported their counts, so no model trained here can predict them (the "
+                "data or partition, not the estimate)"
+            )
+        prior = np.where(trained, self.pooled_prior(state), 0.0)
+        dropped = ls.dropped_classes(target, prior)
+        top = ls.collapsed(target)
+        alike = 0
+        if len(dropped) or top is not None:
+            for j in np.flatnonzero(reported):
+                own = ls.dropped_classes(q_hat[j], prior)
+                alike += bool(np.intersect1d(own, dropped).size) or (top is not None and ls.collapsed(q_hat[j]) == top)
+        metrics.update(
+            {
+                "vrls/target_dropped": len(dropped),
+                "vrls/target_max": float(target.max()),
+                "vrls/degenerate_nodes": alike,
+            }
+        )
+        if len(dropped) or top is not None:
+            what = []
+            if len(dropped):
+                what.append(
+                    f"drops {len(dropped)} of {c} classes ({_names(dropped)}: below {ls.DROP_RATIO:g} of their "
+                    "training share, so IW-ERM will not learn them)"
+                )
+            if top is not None:
+                what.append(f"puts {target[top]:.3f} on class {top}")
+            warnings.append(
+                f"VRLS: degenerate ratio estimate: the pooled target {' and '.join(what)}, as do the estimates of "
+                f"{alike} of {n} nodes; unless the test data truly look like that, the predictor cannot recognise "
+                f"those classes yet: {raise_predictor}"
+                + (f" (or strategy.estimate_rounds: {n} of {k} nodes sent an estimate)" if n < k else "")
+            )
+        if self.estimator == "bbse":
+            confusion = self.pooled_confusion(state)
+            rank = ls.confusion_rank(confusion)
+            metrics["vrls/confusion_rank"] = rank
+            if rank < int(trained.sum()):
+                unseen = int(((confusion.sum(0) <= 0) & trained).sum())
+                never = int(((confusion.sum(1) <= 0) & trained).sum())
+                warnings.append(
+                    f"VRLS: BBSE's held-out confusion matrix has rank {rank} for {int(trained.sum())} trained classes "
+                    f"({unseen} without a held-out example, {never} never predicted), so it cannot identify every "
+                    f"class weight: {raise_predictor}"
+                )
+        else:
+            iters = state.get("em_iters")
+            cap = self.client.em_max_iter
+            stuck = ls.em_unconverged(iters[reported], cap) if iters is not None else 0
+            metrics["vrls/em_unconverged"] = stuck
+            if stuck:
+                warnings.append(
+                    f"VRLS: EM did not converge on {stuck} of {n} nodes (it stopped at strategy.client.em_max_iter="
+                    f"{cap} iterations, its change still above em_tol={self.client.em_tol:g}): raise "
+                    f"strategy.client.em_max_iter; a likelihood that flat usually means an under-trained predictor: "
+                    f"{raise_predictor}"
+                )
+        return metrics, warnings
 
     # -- diagnostics (the simulator's truth; never used by the estimate) -----------------------
 
@@ -648,6 +789,11 @@ def _newton(theta: np.ndarray, grad: np.ndarray, hess: np.ndarray) -> np.ndarray
     except np.linalg.LinAlgError:
         return theta
     return new if np.isfinite(new).all() and (len(new) == 0 or new[0] > 0) else theta
+
+
+def _names(classes: np.ndarray, most: int = 12) -> str:
+    """Class indices for a one-line message: the first ``most``, then an ellipsis."""
+    return ", ".join(str(int(y)) for y in classes[:most]) + (", ..." if len(classes) > most else "")
 
 
 def _spread(key: str, values: list[float]) -> dict[str, Any]:

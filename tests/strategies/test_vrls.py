@@ -1,18 +1,24 @@
 """The VRLS pipeline (strategies/vrls.py) through the real engine: phases, reports, the pooled
-target, the oracle and no-weight baselines, determinism across executors, bad configs."""
+target, the oracle and no-weight baselines, determinism across executors, bad configs, and the
+warnings that name a degenerate estimate (on crafted server states and in a run)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from fedsim.errors import ConfigError
+from fedsim.logging import Callback, RunMeta
+from fedsim.logging.console import ProgressBar
+from fedsim.logging.jsonl import JsonlLogger
 from fedsim.simulation import build, set_driver_threads
 from fedsim.types import ClientContext, NodeData
 from strategies import label_shift as ls
 from strategies.server_opt import ServerAdam
-from strategies.vrls import VRLSClient
+from strategies.vrls import VRLS, VRLSClient
 from tests.conftest import compose
 
 # A Gaussian mixture in the paper's 5clients setting: train node k holds class 5+k at 0.95, its
@@ -34,12 +40,23 @@ SMALL = [
 ]
 
 
-class Recorder:
+class Recorder(Callback):
+    """Every step's metrics; a step's warnings (`Callback.on_warning`, called after its
+    ``on_round_end``) go into its record under ``warnings``."""
+
     def __init__(self) -> None:
         self.rounds: list[dict] = []
 
-    def on_round_end(self, t: int, metrics: dict) -> None:
+    def on_round_end(self, round_: int, metrics: dict) -> None:
         self.rounds.append(dict(metrics))
+
+    def on_warning(self, round_: int, message: str) -> None:
+        assert self.rounds and self.rounds[-1]["round"] == round_
+        self.rounds[-1].setdefault("warnings", []).append(message)
+
+
+def warned(rounds: list[dict]) -> list[str]:
+    return [w for m in rounds for w in m.get("warnings", [])]
 
 
 def run(*overrides: str):
@@ -82,6 +99,12 @@ def test_estimated_marginals_recover_the_node_test_mixes(vrls_run):
     report = next(m for m in rounds if "vrls/ratio_mse_mean" in m)
     assert report["vrls/phase"] == 3 and len(report["vrls/ratio_mse"]) == 5
     assert report["vrls/marginal_l1_max"] == pytest.approx(np.abs(st["q_hat"] - q_true).sum(1).max(), rel=1e-6)
+    # a healthy estimate: the checks pass and say nothing
+    checks = next(m for m in rounds if "vrls/target_dropped" in m)
+    assert checks["vrls/phase"] == 2 and checks["vrls/target_dropped"] == 0 and checks["vrls/em_unconverged"] == 0
+    assert checks["vrls/degenerate_nodes"] == 0 and checks["vrls/untrained_classes"] == 0
+    assert checks["vrls/target_max"] < 0.99
+    assert warned(rounds) == []
 
 
 def test_importance_weighting_beats_no_weights_on_shifted_node_tests(vrls_run):
@@ -297,3 +320,156 @@ def test_the_entropy_weight_reaches_the_nodes():
     }
     assert np.array_equal(q["vrls_zeta0"], q["mlls"])  # MLLS is VRLS with zeta = 0, bit for bit
     assert not np.array_equal(q["vrls"], q["mlls"])  # zeta changed the predictor, hence the estimate
+
+
+# -- warnings: degenerate estimates named without the test labels ----------------------------
+
+
+def test_dropped_classes_collapse_and_em_cap_on_crafted_inputs():
+    prior = np.array([0.05, 0.05, 0.3, 0.3, 0.3, 0.0])
+    target = np.array([0.2, 1e-5, 0.5, 0.3 - 1e-5, 0.0, 0.0])
+    # below 1e-3 of the training share: classes 1 and 4; class 5 has no training mass (left out)
+    assert ls.dropped_classes(target, prior).tolist() == [1, 4]
+    assert ls.dropped_classes(prior, prior).tolist() == []
+    assert ls.collapsed(np.array([0.005, 0.995, 0.0])) == 1 and ls.collapsed(np.array([0.5, 0.5])) is None
+    # EM stopped by its cap, on posteriors that pull the marginal to a boundary
+    probs = np.array([[0.9, 0.1]] * 50 + [[0.6, 0.4]] * 50)
+    q, it = ls.em_marginal(probs, np.array([0.5, 0.5]), max_iter=3)
+    assert it == 3 and ls.em_unconverged(np.array([it, np.nan]), 3) == 1
+    q, it = ls.em_marginal(probs, np.array([0.5, 0.5]))
+    assert it < 1000 and ls.em_unconverged(np.array([it, np.nan]), 1000) == 0
+    # the calibration step: relative in 1/T, absolute in the biases
+    assert ls.calibration_step(np.array([2.0]), np.array([2.5])) == pytest.approx(0.25)
+    assert ls.calibration_step(np.array([1.0, 0.1, -0.1]), np.array([1.0, 0.3, -0.3])) == pytest.approx(0.2)
+    assert ls.calibration_step(np.zeros(0), np.zeros(0)) == 0.0
+    # BBSE: a class without held-out examples makes the confusion matrix rank-deficient
+    assert ls.confusion_rank(np.eye(4) * 10) == 4
+    assert ls.confusion_rank(np.diag([10.0, 10.0, 10.0, 0.0])) == 3
+
+
+def strategy(*overrides: str) -> VRLS:
+    out = build(compose(*SMALL, *overrides, "cluster=local")).strategy
+    assert isinstance(out, VRLS)
+    return out
+
+
+def five_clients(q_hat: np.ndarray, *, em_iters=None, counts=None) -> dict:
+    """The server's state at the end of the estimate phase in the 5clients setting (Fashion-MNIST
+    sizes): the nodes' estimates, the target they pool to, the pooled training counts."""
+    sizes = np.full(5, 1022.0)
+    seen = np.isfinite(q_hat).all(1)
+    return {
+        "q_hat": q_hat,
+        "sample": sizes,
+        "target": (q_hat[seen] * sizes[seen, None]).sum(0) / sizes[seen].sum(),
+        "counts": np.array([66.0] * 5 + [2334.0] * 5) if counts is None else counts,
+        "em_iters": np.array([67.0, 255.0, 96.0, 61.0, 41.0]) if em_iters is None else em_iters,
+    }
+
+
+def test_the_checks_name_a_degenerate_estimate_and_pass_a_healthy_one():
+    vrls = strategy("strategy=vrls", "strategy.predictor_rounds=20")
+    healthy = np.full((5, 10), 0.05 / 9)
+    healthy[np.arange(5), np.arange(5)] = 0.95  # the true 5clients marginals: node j's test is class j at 0.95
+    metrics, warnings = vrls.estimate_checks(five_clients(healthy))
+    assert warnings == []
+    assert metrics["vrls/target_dropped"] == 0 and metrics["vrls/em_unconverged"] == 0
+    assert metrics["vrls/degenerate_nodes"] == 0
+
+    # the reported failure: every node's estimate collapsed onto class 6 (the predictor called the
+    # test inputs shirts), so the target dropped classes 0-4, 8, 9
+    collapsed = np.zeros((5, 10))
+    collapsed[:, 5], collapsed[:, 6], collapsed[:, 7] = 0.001, 0.995, 0.004
+    state = five_clients(collapsed)
+    before = {k: np.array(v, copy=True) for k, v in state.items()}
+    metrics, warnings = vrls.estimate_checks(state)
+    assert all(np.array_equal(before[k], state[k]) for k in state)  # the checks only read the state
+    assert metrics["vrls/target_dropped"] == 7 and metrics["vrls/degenerate_nodes"] == 5
+    assert metrics["vrls/target_max"] == pytest.approx(0.995)
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("VRLS: degenerate ratio estimate: the pooled target drops 7 of 10 classes (0, 1,")
+    assert "puts 0.995 on class 6" in warnings[0] and "5 of 5 nodes" in warnings[0]
+    assert warnings[0].endswith("raise strategy.predictor_rounds (now 20)")
+
+    # EM stopped at its cap on two nodes (the estimates themselves fine)
+    metrics, warnings = vrls.estimate_checks(five_clients(healthy, em_iters=np.array([1000.0, 12, 1000, 30, np.nan])))
+    assert metrics["vrls/em_unconverged"] == 2
+    assert len(warnings) == 1 and warnings[0].startswith("VRLS: EM did not converge on 2 of 5 nodes")
+    assert "strategy.client.em_max_iter=1000" in warnings[0]
+
+    # too few estimates, and classes nobody can train: both named, neither taken for a degenerate estimate
+    partial = healthy.copy()
+    partial[2:] = np.nan
+    counts = np.array([0.0] * 5 + [2334.0] * 5)
+    metrics, warnings = vrls.estimate_checks(five_clients(partial, counts=counts))
+    assert [w.split(":")[1] for w in warnings] == [
+        " only 2 of 5 nodes sent an estimate in the 1 estimate round, so the target leaves out the others' test data",
+        " 5 of 10 classes (0, 1, 2, 3, 4) have no training example on the nodes that reported their counts, so no "
+        "model trained here can predict them (the data or partition, not the estimate)",
+    ]
+    assert metrics["vrls/untrained_classes"] == 5 and metrics["vrls/target_dropped"] == 0
+
+
+def test_bbse_names_a_singular_confusion_matrix():
+    bbse = strategy("strategy=vrls_bbse")
+    healthy = np.full((5, 10), 0.05 / 9)
+    healthy[np.arange(5), np.arange(5)] = 0.95
+    state = {**five_clients(healthy), "confusion": np.diag([7.0] * 5 + [230.0] * 5)}
+    metrics, warnings = bbse.estimate_checks(state)
+    assert warnings == [] and metrics["vrls/confusion_rank"] == 10 and "vrls/em_unconverged" not in metrics
+    state["confusion"][3, 3] = 0.0  # class 3: no held-out example, never predicted
+    metrics, warnings = bbse.estimate_checks(state)
+    assert metrics["vrls/confusion_rank"] == 9
+    assert warnings == [
+        "VRLS: BBSE's held-out confusion matrix has rank 9 for 10 trained classes (1 without a held-out example, 1 "
+        "never predicted), so it cannot identify every class weight: raise strategy.predictor_rounds (now 400) or "
+        "strategy.client.holdout (now 0.1)"
+    ]
+
+
+def test_a_degenerate_run_warns_on_the_console_and_in_metrics_jsonl(tmp_path, capsys):
+    """Digits in the 5clients setting after 20 predictor rounds (the reported failure, small): the
+    estimate is degenerate, EM is cut at 20 iterations, one calibration round does not converge,
+    and the split leaves classes 0-4 without training examples. Each is one line, once, at the
+    step that finds it, on the console and in metrics.jsonl."""
+    set_driver_threads(1)
+    cfg = compose(
+        "strategy=vrls",
+        "dataset=digits",
+        "model=mlp",
+        "partition=vrls_5clients",
+        "strategy.predictor_rounds=20",
+        "strategy.calibration_rounds=1",
+        "strategy.client.em_max_iter=20",
+        "rounds=2",
+        "eval_every=0",
+        "cluster=local",
+    )
+    sim = build(cfg)
+    loggers: list[Callback] = [ProgressBar(), JsonlLogger()]
+    rec = Recorder()
+    try:
+        for cb in loggers:
+            cb.on_run_start(RunMeta(tmp_path, {}, sim.total_rounds))
+        _, summary = sim.run([*loggers, rec])
+        for cb in loggers:
+            cb.on_run_end(summary)
+    finally:
+        sim.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    found = [(r["round"], r["message"]) for r in records if r["event"] == "warning"]
+    assert [(t, m.split(":")[1].split(" (")[0]) for t, m in found] == [
+        (20, " calibration did not converge in strategy.calibration_rounds=1 rounds"),
+        (21, " 5 of 10 classes"),
+        (21, " degenerate ratio estimate"),
+        (21, " EM did not converge on 5 of 5 nodes"),
+    ]
+    assert found[1][1].endswith("(the data or partition, not the estimate)")
+    assert found[2][1].endswith("raise strategy.predictor_rounds (now 20)")
+    step = next(r for r in records if r.get("vrls/phase") == 2)
+    assert step["vrls/em_unconverged"] == 5 and step["vrls/target_dropped"] >= 1 and step["round"] == 21
+    assert "warnings" not in step  # the pipeline hands them to the callbacks, not into the step's record
+    err = capsys.readouterr().err
+    for t, message in found:
+        assert f"fedsim: warning (step {t}): {message}\n" in err
+    assert warned(rec.rounds) == [m for _, m in found]
