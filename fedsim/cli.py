@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -322,11 +323,45 @@ def _register_plugins() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    command = argv is None  # the `fedsim` command / `python -m fedsim`, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register_plugins()
-    if _is_plain_run(argv):
-        _preflight(argv)
-    elif _is_sweep(argv):
-        _sweep_precheck(argv)
-    sys.argv = [sys.argv[0], *argv]
-    _hydra_main()
+    try:
+        _register_plugins()
+        if _is_plain_run(argv):
+            _preflight(argv)
+        elif _is_sweep(argv):
+            _sweep_precheck(argv)
+        sys.argv = [sys.argv[0], *argv]
+        _hydra_main()
+    except SystemExit as exc:
+        if not command:
+            raise
+        _exit_now(exc.code)
+    if command:
+        _exit_now(0)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End the command without Python's interpreter teardown, which frees torch's, Ray's and
+    Hydra's objects one by one (about 1 s on a quiet machine, 3-4 s on a busy one: it pushed the
+    exit after SIGTERM past a batch scheduler's grace time). Non-daemon threads are joined, the
+    atexit handlers (Ray's, W&B's, logging's) run and the output is flushed first; the run's
+    files (checkpoint fsynced, metrics.jsonl and W&B closed) are complete before this point."""
+    import atexit
+    import threading
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

@@ -176,6 +176,8 @@ def _execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_
         sim.close()
         guard.__exit__()
         raise Interrupted(guard.signum, 0)
+    if hasattr(sim.executor, "stop_requested"):  # Ray: a step in progress is abandoned at a signal
+        sim.executor.stop_requested = lambda: guard.signum
     callbacks: list[Callback] = []
     initial = checkpoint.params_sha256(sim.state.params)  # the model as built, before any resume
     try:

@@ -12,19 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsim.data.base import FederatedData
-from fedsim.errors import ConfigError, FedsimError, NodeError, WorkersLost
+from fedsim.errors import ConfigError, FedsimError, Interrupted, NodeError, WorkersLost
 from fedsim.execution.worker import (
     NodeTask,
     NodeWorker,
@@ -39,6 +41,15 @@ from fedsim.execution.worker import (
 
 READY_TIMEOUT_S = 300.0
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+SHUTDOWN_DEADLINE_S = 2.0
+"""How long the shutdown of this run's own Ray may take before what is left of it is killed."""
+TASK_EVENTS_FLUSH_MS = "500"
+"""The most a driver's shutdown waits to send its task events to the GCS (Ray's default: 5 s).
+They only feed Ray's dashboard and state API; the wait is the whole 5 s when the GCS is gone."""
+AUXILIARY = ("monitor", "dashboard", "log_monitor", "ray_client_server")
+"""Processes of a local Ray that only serve a live cluster; its shutdown may kill them at once."""
+STOP_POLL_S = 0.1
+"""How often a round in progress asks `RayExecutor.stop_requested` whether to stop."""
 
 
 def _token_available() -> bool:
@@ -111,6 +122,8 @@ def start_ray(
     logging.getLogger("ray").setLevel(logging.ERROR)
     # SIGTERM is fedsim's to handle (stop at a step boundary), not a crash to dump a C++ stack for
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # read when the driver connects: bounds the wait for the GCS in ray.shutdown()
+    os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms", TASK_EVENTS_FLUSH_MS)
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": not quiet}
 
@@ -179,7 +192,15 @@ class RayExecutor:
     Lost workers: actors restart when their process (or machine) dies (``max_restarts``), and the
     executor runs the dead actor's part of the round again on it; results depend only on their
     inputs, so the round is bit-identical. After ``max_failures`` failures in a row it gives up
-    with `WorkersLost` (the run then writes a checkpoint and stops)."""
+    with `WorkersLost` (the run then writes a checkpoint and stops).
+
+    Stopping: when ``stop_requested`` (set by the runner) returns a signal number while a round
+    is in progress, the round is abandoned with `Interrupted` (its partial results discarded; the
+    run's checkpoint is of the last complete step) instead of running to its end, so a run on a
+    slow model stops within the scheduler's grace time too. The actors, killed by `shutdown`,
+    stop their part at once."""
+
+    stop_requested: Callable[[], int | None] | None = None
 
     def __init__(
         self,
@@ -268,7 +289,7 @@ class RayExecutor:
         while futures:
             i, fut = next(iter(futures.items()))
             try:
-                results[i] = ray.get(fut)
+                results[i] = self.get(fut, round_)
                 del futures[i]
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause
@@ -298,7 +319,7 @@ class RayExecutor:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             try:
-                ray.get(actor.load.remote(self.refs), timeout=max(1.0, deadline - time.monotonic()))
+                self.get(actor.load.remote(self.refs), round_, timeout=max(1.0, deadline - time.monotonic()))
                 break
 
             except ray.exceptions.RayActorError:
@@ -307,14 +328,74 @@ class RayExecutor:
                 time.sleep(0.5)
         return actor.run.remote(params_ref, round_, part, broadcast, reduce)
 
+    def get(self, ref: Any, round_: int, timeout: float | None = None) -> Any:
+        """``ray.get(ref, timeout=timeout)``; with ``stop_requested`` set, it looks every
+        `STOP_POLL_S` and raises `Interrupted` when a stop was requested (round ``round_``, the
+        step in progress, is the number of steps complete)."""
+        import ray
+
+        if self.stop_requested is None:
+            return ray.get(ref, timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = STOP_POLL_S if end is None else min(STOP_POLL_S, max(0.0, end - time.monotonic()))
+            ready, _ = ray.wait([ref], timeout=left)
+            if ready:
+                return ray.get(ref)
+            signum = self.stop_requested()
+            if signum is not None:
+                raise Interrupted(signum, round_)
+            if end is not None and time.monotonic() >= end:
+                raise ray.exceptions.GetTimeoutError(f"not ready within {timeout:.0f}s")
+
     def worker_nodes(self) -> list[str]:
         return list(self.nodes)
 
     def shutdown(self) -> None:
+        """Kill the actors (without waiting for them) and, when this run started Ray, stop it
+        within about `SHUTDOWN_DEADLINE_S` (`stop_own_ray`)."""
         import ray
 
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):  # a dead actor or a lost connection: nothing to stop
+                ray.kill(actor, no_restart=True)
         self.actors = []
         if self.owns_ray and ray.is_initialized():
-            ray.shutdown()
+            stop_own_ray()
+
+
+def stop_own_ray(deadline: float = SHUTDOWN_DEADLINE_S) -> None:
+    """``ray.shutdown()`` of the local Ray this process started, bounded (a run stopped by SIGTERM
+    must exit before the scheduler's grace time, on a busy machine too).
+
+    ``ray.shutdown()`` disconnects the driver, then stops the node's processes one after another,
+    each with SIGTERM and up to 1 s to exit, then SIGKILL and up to 1 s more. The autoscaler
+    monitor answers SIGTERM by reporting to the GCS, which is gone by then, so it always takes
+    the whole second; it and the other processes that only serve a live cluster (`AUXILIARY`)
+    are killed first, at once. The raylet (which stops its workers) and the GCS still get their
+    graceful stop; if the shutdown runs past ``deadline`` seconds, a watchdog kills whatever is
+    left of the node, so that Ray's waits for it return at once."""
+    import ray
+
+    try:
+        from ray._private import worker as ray_worker
+
+        node: Any = ray_worker._global_node
+        processes = [(kind, info.process) for kind, infos in dict(node.all_processes).items() for info in infos]
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray: its own shutdown, unbounded
+        processes = []
+
+    def kill(kinds: tuple[str, ...] | None) -> None:
+        for kind, process in processes:
+            if (kinds is None or kind in kinds) and process.poll() is None:
+                with contextlib.suppress(OSError):
+                    process.kill()
+
+    kill(AUXILIARY)
+    watchdog = threading.Timer(deadline, kill, args=(None,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.shutdown()
+    finally:
+        watchdog.cancel()
