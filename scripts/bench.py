@@ -10,7 +10,8 @@ are absent), 1 local epoch, batch 32, SGD lr 0.05, evaluation off:
 
 It measures, in one run:
 1. the simulator (Ray executor, one actor per core, evaluation off): samples/s over the rounds
-   after ``--warmup``;
+   after ``--warmup``; the timed window holds training rounds only: the one evaluation (after the
+   last round) is taken out of it and reported on its own (``eval_s``, test examples/s);
 2. the same local SGD work, i.e. the very node-rounds the simulator ran in those rounds, done by
    one bare single-threaded process per core (plain PyTorch loop, no Ray, no simulator), each
    process taking a balanced share, all started together: total samples / slowest process time.
@@ -78,13 +79,18 @@ class Timer:
     def __init__(self) -> None:
         self.ends: list[float] = []
         self.samples: list[int] = []
+        self.eval_s: list[float] = []
 
     def on_run_start(self, meta) -> None:
+        pass
+
+    def on_warning(self, round_: int, message: str) -> None:
         pass
 
     def on_round_end(self, round_: int, metrics: dict) -> None:
         self.ends.append(time.perf_counter())
         self.samples.append(int(metrics["train/samples"]))
+        self.eval_s.append(float(metrics.get("time/eval_s", 0.0)))
 
     def on_run_end(self, summary: dict) -> None:
         pass
@@ -172,7 +178,8 @@ def main() -> None:
         sim.close()
     steady = slice(args.warmup, args.rounds)
     t_begin = timer.ends[args.warmup - 1] if args.warmup > 0 else t_start
-    sim_time = timer.ends[-1] - t_begin
+    eval_s = sum(timer.eval_s[steady])  # the evaluation after the last round: reported on its own
+    sim_time = timer.ends[-1] - t_begin - eval_s
     sim_samples = sum(timer.samples[steady])
     sim_tput = sim_samples / sim_time
 
@@ -217,6 +224,8 @@ def main() -> None:
         "ratio": round(sim_tput / bare_tput, 3),
         "bare_same_loop_samples_per_s": round(same_loop_tput, 1),
         "ratio_same_loop": round(sim_tput / same_loop_tput, 3),
+        "eval_s": round(eval_s, 3),
+        "eval_examples_per_s": round(len(sim.data.dataset.y_test) / eval_s, 1) if eval_s > 0 else None,
         "sim_samples": sim_samples,
         "bare_samples": bare_samples,
         "total_wall_s": round(time.perf_counter() - t_start, 1),
