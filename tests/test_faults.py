@@ -51,6 +51,13 @@ def rounds_of(records: list[dict]) -> list[int]:
     return [r["round"] for r in records if r["event"] == "round"]
 
 
+def start(*args: str) -> subprocess.Popen:
+    """``python -m fedsim ARGS`` in the background (stderr kept, as text), as a user starts a run."""
+    return subprocess.Popen(
+        cli(*args), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
 def wait_for_round(path: Path, target: int, proc: subprocess.Popen, limit: float = 240) -> bool:
     """Poll metrics.jsonl until a step >= target is logged; False if the process ended first."""
     deadline = time.monotonic() + limit
@@ -152,14 +159,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     args = [*DIGITS, "rounds=400", "cluster=local"]
-    proc = subprocess.Popen(
-        cli(*args, f"hydra.run.dir={tmp_path}"),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(*args, f"hydra.run.dir={tmp_path}")
     assert wait_for_round(tmp_path / "metrics.jsonl", 10, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -14,7 +14,7 @@ import pytest
 
 from fedsim import runfolder
 from tests.conftest import ROOT
-from tests.test_faults import DIGITS, cli, environment, rounds_of, run, strict_records, wait_for_round
+from tests.test_faults import DIGITS, cli, environment, rounds_of, run, start, strict_records, wait_for_round
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +34,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_a_busy_folder_refuses_a_second_run_and_a_resume_and_keeps_the_first_runs_records(tmp_path):
     folder = tmp_path / "R"
-    first = subprocess.Popen(
-        cli(*LONG, f"hydra.run.dir={folder}"),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    first = start(*LONG, f"hydra.run.dir={folder}")
     try:
         assert wait_for_round(folder / "metrics.jsonl", 40, first)
         config = (folder / ".hydra" / "config.yaml").read_bytes()
@@ -88,13 +82,7 @@ def test_a_fresh_run_into_a_finished_folder_is_refused_until_overwrite(tmp_path)
 
 def test_a_stopped_run_suggests_resume_and_a_killed_holders_lock_is_taken_over(tmp_path):
     folder = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cli(*LONG, f"hydra.run.dir={folder}"),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = start(*LONG, f"hydra.run.dir={folder}")
     assert wait_for_round(folder / "metrics.jsonl", 45, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
