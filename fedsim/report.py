@@ -17,6 +17,14 @@ folders given, by the folder too), and writes, into ``--out`` (default: the firs
 ``--metric NAME:STAT`` gives that metric only the statistics named so (``rounds:final``), the others
 get ``--stat``. ``--columns KEY`` lays each metric and statistic out as a matrix, the values of KEY
 as columns.
+
+The options that take lists add up when repeated (``--metric eval/acc --metric train/loss`` is
+``--metric eval/acc train/loss``; likewise ``--stat``, ``--target``, ``--group-by``, ``--where``, whose
+conditions must all hold, one per key); an option of one value (``--x``, ``--columns``, ``--out``,
+``--name``, ``--title``, ``--digits``) given twice with different values stops with one line.
+The table is also printed to stdout, then the paths written. A metric that gets no plot (every run
+logged it at one round only, as with ``eval_every=0``; only at the end; at rounds its seeds do not
+share), or a plot that lacks some group's line, is said on stderr and under the table.
 """
 
 from __future__ import annotations
@@ -228,7 +236,9 @@ def label_text(label: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(f"{k}={v}" for k, v in label) or "all runs"
 
 
-def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Path]:
+def write(runs: list[Run], keys: list[str], args: argparse.Namespace, table: list[str] | None = None) -> list[Path]:
+    """Write the report's table (NAME.md, NAME.csv) and plots into ``args.out``; the paths written.
+    ``table`` receives the markdown table's lines (with ``--columns``, each matrix under its heading)."""
     order = _orderer(runs)
     group_keys = [k for k in keys if k != "seed"] if args.group_by is None else args.group_by
     out = args.out
@@ -253,6 +263,7 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
             )
             print(f"fedsim.report: warning: {line}", file=sys.stderr)
             md += [f"Warning: {line}.", ""]
+    start = len(md)
     if args.columns:
         col_key = args.columns
         row_keys = [k for k in group_keys if k != col_key]
@@ -294,10 +305,17 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace) -> list[Pa
                 rows_csv.append({**dict(label), "metric": metric, "stat": name, **_csv(vals)})
             md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
         md.append("")
+    if table is not None:
+        table += md[start:-1]
     if args.left_out:
         md += ["Not counted (the table covers finished runs only):", ""]
         md += [f"- {note}" for note in args.left_out] + [""]
-    plots = plot(runs, group_keys, args)
+    notes: list[str] = []
+    plots = plot(runs, group_keys, args, notes)
+    for note in notes:
+        print(f"fedsim.report: {note}", file=sys.stderr)
+    if notes:
+        md += ["Plots:", ""] + [f"- {note}" for note in notes] + [""]
     for p in plots:
         md.append(f"![{p.stem}]({p.name})")
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
@@ -373,9 +391,47 @@ def _styles(labels: list[tuple[tuple[str, str], ...]]) -> dict[tuple[tuple[str, 
     return styles
 
 
-def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> list[Path]:
+def _no_line(members: list[Run], metric: str, curves: list[dict[int, tuple[float, float]]]) -> str | None:
+    """Why a group's runs (their ``curves`` of ``metric``) give no line, None when they give one:
+    ``none`` (no run of the group logs it), ``end`` (only in the runs' final record), ``once`` (no
+    run logged it at 2 rounds or more), ``apart`` (the seeds share fewer than 2 of its rounds)."""
+    if not any(curves):
+        return "end" if any(metric in r.end for r in members) else "none"
+    if all(len(c) < 2 for c in curves):
+        return "once"
+    xs, _, _ = mean_curve([c for c in curves if len(c) > 1])
+    return "apart" if len(xs) < 2 else None
+
+
+def _why(metric: str, missing: list[tuple[str, str]], every: bool) -> str:
+    """One line on the groups (label, reason) that give ``metric`` no line; ``every``: they are
+    all the groups."""
+    phrases = {
+        "none": "did not log {m}",
+        "end": "logged {m} only at the end of the run, not per round",
+        "once": "logged {m} at 1 round only",
+        "apart": "logged {m} at rounds the seeds do not share (fewer than 2 in common)",
+    }
+    parts = []
+    for code, phrase in phrases.items():
+        labels = [f"({label})" if ", " in label else label for label, why in missing if why == code]
+        if labels:
+            who = "every run" if every and len(labels) == len(missing) else f"the runs of {_few(labels)}"
+            more = " (evaluate more often: eval_every=K)" if code == "once" and metric.startswith("eval/") else ""
+            parts.append(f"{who} {phrase.format(m=metric)}{more}")
+    return "; ".join(parts)
+
+
+def plot(
+    runs: list[Run], group_keys: list[str], args: argparse.Namespace, notes: list[str] | None = None
+) -> list[Path]:
     """One PNG per metric. With ``--columns KEY`` one panel per value of KEY (the table's layout),
-    the other keys' groups as lines; the legend goes beside the axes when it is long."""
+    the other keys' groups as lines; the legend goes beside the axes when it is long.
+
+    A metric that gets no plot, or a plot without some group's line, is described in ``notes``
+    (one line each): every run logged it at one round only (``eval_every=0``), only at the end,
+    or its seeds share fewer than two logged rounds; or it is the x axis."""
+    notes = notes if notes is not None else []
     order = _orderer(runs)
     import matplotlib
 
@@ -390,6 +446,7 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
     paths = []
     for metric in args.metric:
         if metric == X_KEYS[args.x]:
+            notes.append(f"no plot of {metric}: it is the x axis (--x {args.x})")
             continue  # the x axis against itself
         ncols = min(len(panels), 3)
         nrows = -(-len(panels) // ncols)
@@ -404,14 +461,23 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
             layout="constrained",
         )
         handles: dict[str, Any] = {}
+        missing: list[tuple[str, str]] = []  # (group, why) without a line
         for ax, panel in zip(axes.flat, panels, strict=False):
             for label, members in groups:
                 if col_key:
                     members = [r for r in members if r.values.get(col_key, "") == panel]
-                curves = [c for c in (r.points(metric, args.x) for r in members) if len(c) > 1]
-                xs, mean, std = mean_curve(curves)
-                if len(xs) < 2:
+                if not members:
                     continue
+                pts = [r.points(metric, args.x) for r in members]
+                why = _no_line(members, metric, pts)
+                if why is not None:
+                    where = ([f"{col_key}={panel}"] if col_key else []) + (
+                        [label_text(label)] if label or not col_key else []
+                    )
+                    missing.append((", ".join(where), why))
+                    continue
+                curves = [c for c in pts if len(c) > 1]
+                xs, mean, std = mean_curve(curves)
 
                 color, dashes = style[label]
                 name = f"{label_text(label)} ({len(curves)})" if not col_key else label_text(label)
@@ -428,6 +494,7 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
             ax.set_visible(False)
         if not handles:
             plt.close(fig)
+            notes.append(f"no plot of {metric}: {_why(metric, missing, every=True)}")
             continue
         for ax in axes[:, 0]:
             ax.set_ylabel(metric)
@@ -437,10 +504,33 @@ def plot(runs: list[Run], group_keys: list[str], args: argparse.Namespace) -> li
             axes[0, 0].legend(fontsize=7, loc="best")
         prefix = "" if args.name == "report" else f"{args.name}_"
         path = args.out / f"{prefix}{metric.replace('/', '_')}_vs_{args.x}.png"
+        if missing:
+            n = len(missing)
+            notes.append(f"{path.name} has no line for {n} group{'s' * (n > 1)}: {_why(metric, missing, every=False)}")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+class _Once(argparse.Action):
+    """An option of one value: given again with another value, it stops with one line (exit 2)
+    instead of silently replacing the first."""
+
+    GIVEN = "_given_once"
+
+    def __init__(self, *args: Any, hint: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        given = vars(namespace).setdefault(self.GIVEN, {})
+        if self.dest in given and given[self.dest] != values:
+            parser.error(f"{option} takes one value, given {given[self.dest]} and {values}{self.hint}")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -464,10 +554,19 @@ def _check(ap: argparse.ArgumentParser, runs: list[Run], args: argparse.Namespac
     """Keep the runs ``--where`` selects; stop with one line at a key or metric that no run has."""
     known = sorted({k for r in runs for k in r.values})
     asked = [("--group-by", k) for k in args.group_by or []] + ([("--columns", args.columns)] if args.columns else [])
+    conds: dict[str, str] = {}
     for cond in args.where:
         key, sep, values = cond.partition("=")
         if not sep:
             ap.error(f"--where {cond}: use KEY=VALUE or KEY=A,B")
+        if conds.get(key) == cond:
+            continue
+        if key in conds:
+            both = ",".join(dict.fromkeys([*conds[key].partition("=")[2].split(","), *values.split(",")]))
+            ap.error(
+                f"--where {conds[key]} and --where {cond}: one condition per key; for either, --where {key}={both}"
+            )
+        conds[key] = cond
         asked.append((f"--where {cond}", key))
     for option, key in asked:
         if key not in known:
@@ -498,34 +597,68 @@ def _check(ap: argparse.ArgumentParser, runs: list[Run], args: argparse.Namespac
 def main(argv: list[str] | None = None) -> None:
     ap = _Parser(prog="python -m fedsim.report", description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or run folders")
+    many = "; repeatable, the values add up"
     ap.add_argument(
-        "--metric", nargs="+", default=["eval/acc"], help="metrics; NAME:STAT gives NAME that statistic only"
+        "--metric",
+        nargs="+",
+        action="extend",
+        help=f"metrics (default: eval/acc); NAME:STAT gives NAME that statistic only{many}",
     )
-    ap.add_argument("--stat", nargs="+", default=["final", "best"], help=STATS)
-    ap.add_argument("--target", nargs="*", type=float, default=[], help="values of the first metric to reach")
+    ap.add_argument("--stat", nargs="+", action="extend", help=f"{STATS} (default: final best){many}")
+    ap.add_argument(
+        "--target",
+        nargs="*",
+        action="extend",
+        type=float,
+        default=[],
+        help=f"values of the first metric to reach{many}",
+    )
     ap.add_argument("--below", action="store_true", help="a target is reached at or below it (losses, errors)")
-    ap.add_argument("--x", choices=list(X_KEYS), default="round", help="x axis of plots and targets")
+    ap.add_argument("--x", action=_Once, choices=list(X_KEYS), default="round", help="x axis of plots and targets")
     ap.add_argument(
         "--group-by",
         nargs="*",
+        action="extend",
         default=None,
-        help="keys to group by (default: every swept key but seed; none: pool all runs)",
+        help=f"keys to group by (default: every swept key but seed; none: pool all runs){many}",
     )
-    ap.add_argument("--columns", default=None, help="lay each metric/stat out with this key's values as columns")
-    ap.add_argument("--digits", type=int, default=4)
-    ap.add_argument("--logx", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default="report", help="file name of the table (NAME.md, NAME.csv)")
-    ap.add_argument("--title", default=None, help="a line under the report's heading")
     ap.add_argument(
-        "--where", nargs="*", default=[], metavar="KEY=VALUES", help="keep runs whose KEY is one of VALUES (a,b)"
+        "--columns",
+        action=_Once,
+        default=None,
+        hint="; a matrix has one column key, the other keys are its rows",
+        help="lay each metric/stat out with this key's values as columns (one key)",
+    )
+    ap.add_argument(
+        "--digits", action=_Once, type=int, default=4, help="decimals in the table (significant digits of targets)"
+    )
+    ap.add_argument("--logx", action="store_true", help="a logarithmic x axis on the plots")
+    ap.add_argument(
+        "--out", action=_Once, type=Path, default=None, help="folder to write into (default: the first path)"
+    )
+    ap.add_argument("--name", action=_Once, default="report", help="file name of the table (NAME.md, NAME.csv)")
+    ap.add_argument("--title", action=_Once, default=None, help="a line under the report's heading")
+    ap.add_argument(
+        "--where",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUES",
+        help=f"keep runs whose KEY is one of VALUES (a,b){many}, every condition holds (one per key)",
+    )
+    ap.epilog = (
+        "A list option given twice adds up (--metric a --metric b is --metric a b); an option of one value "
+        "(--x, --columns, --out, --name, --title, --digits) given twice with another value is an error."
     )
     args = ap.parse_args(argv)
+    vars(args).pop(_Once.GIVEN, None)
+    args.stat = list(dict.fromkeys(args.stat or ["final", "best"]))
+    args.target = list(dict.fromkeys(args.target))
     args.pinned = {}
     metrics = []
-    for entry in args.metric:
+    for entry in args.metric or ["eval/acc"]:
         name, sep, stat = entry.partition(":")
-        if sep:
+        if sep and stat not in args.pinned.get(name, []):
             args.pinned.setdefault(name, []).append(stat)
         if name not in metrics:
             metrics.append(name)
@@ -549,7 +682,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = _check(ap, runs, args)
     keys = [k for k in keys if len({r.values.get(k) for r in runs}) > 1]
     args.out = args.out or args.paths[0]
-    for path in write(runs, keys, args):
+    table: list[str] = []
+    written = write(runs, keys, args, table)
+    print("\n".join(table), end="\n\n")
+    for path in written:
         print(f"wrote {path}")
 
 

@@ -130,3 +130,91 @@ def test_values_from_run_folders_sort_as_numbers_and_bad_axes_are_one_line(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err[-1].startswith("fedsim.report: error: --x time: no run logs time/simulated")
     assert not (tmp_path / "bad").exists()
+
+
+def test_repeated_list_options_add_up_and_a_repeated_single_value_option_is_one_line(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    jobs = {f"lr={lr},seed={s}": {"lr": lr, "seed": str(s)} for lr in ("0.1", "0.01") for s in range(2)}
+    write_sweep(d, jobs)
+    for name in jobs:
+        write_run(d / name, [0.5, 0.6, 0.7])
+    argv = [str(d), "--metric", "eval/acc", "--metric", "eval/loss:min", "--stat", "final", "--stat", "best"]
+    report.main([*argv, "--target", "0.55", "--target", "0.65", "--where", "lr=0.1", "--where", "seed=0,1"])
+    got = {(r["metric"], r["stat"]) for r in rows(d / "report.csv")}
+    assert got == {
+        ("eval/acc", "final"),
+        ("eval/acc", "best"),
+        ("eval/loss", "min"),
+        ("eval/acc", "round_to_0.55"),
+        ("eval/acc", "round_to_0.65"),
+    }
+    assert all(int(r["n"]) == 2 for r in rows(d / "report.csv"))  # one group: lr=0.1 (both --where hold)
+    assert (d / "eval_acc_vs_round.png").exists() and (d / "eval_loss_vs_round.png").exists()
+    report.main([str(d), "--stat", "final", "--group-by", "lr", "--group-by", "seed", "--name", "both"])
+    assert len(rows(d / "both.csv")) == 4
+    capsys.readouterr()
+
+    for args, says in [
+        (["--columns", "lr", "--columns", "seed"], "--columns takes one value, given lr and seed"),
+        (["--x", "round", "--x", "bytes"], "--x takes one value, given round and bytes"),
+        (["--where", "lr=0.1", "--where", "lr=0.01"], "one condition per key; for either, --where lr=0.1,0.01"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            report.main([str(d), *args, "--name", "bad"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and says in err[0], err
+    assert not (d / "bad.md").exists()
+    report.main([str(d), "--x", "round", "--x", "round", "--stat", "final", "--name", "same"])  # the same value twice
+    assert (d / "same.md").exists()
+
+
+def test_a_missing_plot_or_line_says_why_and_the_table_is_still_written(tmp_path, capsys):
+    d = tmp_path / "once"  # eval_every=0: one evaluation per run
+    write_sweep(d, {f"seed={s}": {"seed": str(s)} for s in range(2)})
+    for s in range(2):
+        write_run(d / f"seed={s}", [0.6 + 0.1 * s])
+    report.main([str(d), "--metric", "eval/acc", "rounds:final"])
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        "fedsim.report: no plot of eval/acc: every run logged eval/acc at 1 round only (evaluate more often: eval_every=K)"
+        in err
+    )
+    assert "fedsim.report: no plot of rounds: every run logged rounds only at the end of the run, not per round" in err
+    assert not list(d.glob("*.png"))
+    (row, *_) = rows(d / "report.csv")
+    assert float(row["mean"]) == pytest.approx(0.65) and int(row["n"]) == 2
+    assert "- no plot of eval/acc: every run logged eval/acc at 1 round only" in (d / "report.md").read_text()
+
+    # a plot that lacks some groups' lines names them, and why
+    e = tmp_path / "some"
+    jobs = {f"lr={lr},seed={s}": {"lr": lr, "seed": str(s)} for lr in ("0.1", "0.01", "1") for s in range(2)}
+    write_sweep(e, jobs)
+    for s in range(2):
+        write_run(e / f"lr=0.1,seed={s}", [0.5, 0.6, 0.7])
+        write_run(e / f"lr=0.01,seed={s}", [0.5])
+    write_run(e / "lr=1,seed=0", [0.5, 0.6, None, None])  # the seeds evaluated at different rounds
+    write_run(e / "lr=1,seed=1", [None, None, 0.5, 0.6])
+    report.main([str(e), "--stat", "final"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("fedsim.report: eval_acc_vs_round.png has no line for 2 groups: the runs of lr=0.01")
+    assert "the runs of lr=1 logged eval/acc at rounds the seeds do not share" in line
+    assert (e / "eval_acc_vs_round.png").exists()
+
+
+def test_the_table_is_printed_then_the_paths_written(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    jobs = {f"lr={lr},seed={s}": {"lr": lr, "seed": str(s)} for lr in ("0.1", "0.01") for s in range(2)}
+    write_sweep(d, jobs)
+    for name in jobs:
+        write_run(d / name, [0.5, 0.6 if "0.1," in name else 0.7])
+    for name, extra, first in [
+        ("plain", [], "| lr | eval/acc final |"),
+        ("cols", ["--columns", "lr", "--metric", "eval/acc", "eval/loss:min"], "## eval/acc, final"),
+    ]:
+        report.main([str(d), "--stat", "final", "--name", name, *extra])
+        table, _, wrote = capsys.readouterr().out.rpartition("\n\n")
+        assert table.startswith(first) and table in (d / f"{name}.md").read_text()  # the same text as the file's
+        assert "| 0.01 |" in table or "| lr=0.1 | lr=0.01 |" in table
+        plots = [f"wrote {p}" for p in sorted(d.glob(f"{name}_*.png"))]
+        assert plots and wrote.splitlines() == [f"wrote {d / name}.md", f"wrote {d / name}.csv", *plots]
+    assert "## eval/loss, min" in table  # every matrix of --columns
