@@ -59,9 +59,10 @@ def test_a_wheel_in_a_fresh_venv_runs(tmp_path):
         check=True,
     ).stdout.split()
     assert all(w.startswith(str(venv)) for w in where), where  # the wheel's copy, not the checkout
-    for command in ([str(venv / "bin" / "fedsim")], [str(py), "-m", "fedsim"]):
+    for i, command in enumerate(([str(venv / "bin" / "fedsim")], [str(py), "-m", "fedsim"])):
+        folder = tmp_path / f"run{i}"  # a run folder holds one run
         run = subprocess.run(
-            [*command, "rounds=2", "cluster=local", "logger=jsonl", f"hydra.run.dir={tmp_path / 'run'}"],
+            [*command, "rounds=2", "cluster=local", "logger=jsonl", f"hydra.run.dir={folder}"],
             capture_output=True,
             text=True,
             env=env,
@@ -69,9 +70,7 @@ def test_a_wheel_in_a_fresh_venv_runs(tmp_path):
             timeout=600,
         )
         assert run.returncode == 0, run.stderr
-        assert (
-            (tmp_path / "run" / "metrics.jsonl").read_text().strip().splitlines()[-1].startswith('{"event": "run_end"')
-        )
+        assert (folder / "metrics.jsonl").read_text().strip().splitlines()[-1].startswith('{"event": "run_end"')
     # users add their own configs: a strategy preset in their own config dir
     mine = tmp_path / "myconf" / "strategy"
     mine.mkdir(parents=True)
