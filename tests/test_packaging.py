@@ -17,6 +17,17 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
+def test_every_config_folder_is_a_package_of_the_wheel():
+    """Each folder of conf/ is listed in pyproject.toml's packages (a new config group that is not
+    would be left out of the wheel, with a setuptools warning)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = [p for p in sorted((ROOT / "conf").rglob("*")) if p.is_dir()]
+    wanted = {"fedsim.conf", *("fedsim.conf." + ".".join(p.relative_to(ROOT / "conf").parts) for p in folders)}
+    assert wanted <= listed, sorted(wanted - listed)
+
+
 def test_a_wheel_in_a_fresh_venv_runs(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
@@ -26,6 +37,7 @@ def test_a_wheel_in_a_fresh_venv_runs(tmp_path):
         timeout=600,
     )
     assert build.returncode == 0, build.stderr
+    assert "absent from the `packages` configuration" not in build.stderr  # no warning per config folder
     (wheel,) = wheels.glob("fedsim-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
