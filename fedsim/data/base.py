@@ -10,7 +10,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset held in memory: float32 features, int64 labels."""
+    """A labelled dataset held in memory: float32 features, int64 labels.
+
+    A naturally federated dataset (docs/data.md) also brings its nodes: ``train_nodes`` and
+    ``test_nodes`` give the node of every row (0 .. len(node_names) - 1; -1: a row of no node,
+    never used), ``node_names`` name the nodes, and ``sequence_gap`` is set when each node's rows
+    are overlapping windows of one sequence in time order: a split in time skips that many rows
+    between a node's training and test rows so that no test window shares input with a training
+    one. ``test_nodes`` is None when the dataset has no test split of its own (`Natural` then
+    splits every node's rows). Datasets without nodes leave all four at their defaults.
+    """
 
     name: str
     x_train: np.ndarray
@@ -18,6 +27,10 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    train_nodes: np.ndarray | None = None
+    test_nodes: np.ndarray | None = None
+    node_names: tuple[str, ...] = ()
+    sequence_gap: int | None = None
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
@@ -25,6 +38,20 @@ class Dataset:
                 raise TypeError(f"{self.name} {split}: need float32 features and int64 labels")
             if len(x) != len(y):
                 raise ValueError(f"{self.name} {split}: {len(x)} features but {len(y)} labels")
+        for split, nodes, y in (("train", self.train_nodes, self.y_train), ("test", self.test_nodes, self.y_test)):
+            if nodes is None:
+                continue
+            if nodes.dtype != np.int64 or nodes.shape != (len(y),):
+                raise TypeError(f"{self.name} {split}: need one int64 node id per row")
+            if len(nodes) and (nodes.min() < -1 or nodes.max() >= len(self.node_names)):
+                raise ValueError(f"{self.name} {split}: node ids must lie in -1 .. {len(self.node_names) - 1}")
+        if self.test_nodes is not None and self.train_nodes is None:
+            raise ValueError(f"{self.name}: test node ids without train node ids")
+
+    @property
+    def has_nodes(self) -> bool:
+        """Whether the dataset brings its own nodes (a natural partition)."""
+        return self.train_nodes is not None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

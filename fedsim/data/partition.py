@@ -71,6 +71,14 @@ def _node_test_sets(
     return _gather(pieces, num_nodes)
 
 
+def _need_test_split(y_test: np.ndarray) -> None:
+    if len(y_test) == 0:
+        raise ConfigError(
+            "the dataset has no test split of its own: a naturally federated dataset (shakespeare, or femnist/files "
+            "without test rows) is split per node by partition=natural; use partition=natural"
+        )
+
+
 def _num_classes(y_train: np.ndarray, y_test: np.ndarray) -> int:
     return int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
 
@@ -82,6 +90,7 @@ class IID:
         self.node_test = _check_node_test(node_test)
 
     def __call__(self, y_train: np.ndarray, y_test: np.ndarray, num_nodes: int, rng: np.random.Generator) -> Partition:
+        _need_test_split(y_test)
         train = [np.sort(p).astype(np.int64) for p in np.array_split(rng.permutation(len(y_train)), num_nodes)]
         return Partition(train, _node_test_sets(self.node_test, train, y_train, y_test, rng))
 
@@ -103,6 +112,7 @@ class Dirichlet:
         self.node_test = _check_node_test(node_test)
 
     def __call__(self, y_train: np.ndarray, y_test: np.ndarray, num_nodes: int, rng: np.random.Generator) -> Partition:
+        _need_test_split(y_test)
         pieces = []
         for ix in _class_indices(y_train, _num_classes(y_train, y_test), rng):
             p = rng.dirichlet(np.full(num_nodes, self.alpha))
@@ -126,6 +136,7 @@ class DirichletPerNode:
         self.node_test = _check_node_test(node_test)
 
     def __call__(self, y_train: np.ndarray, y_test: np.ndarray, num_nodes: int, rng: np.random.Generator) -> Partition:
+        _need_test_split(y_test)
         num_classes = _num_classes(y_train, y_test)
         q = rng.dirichlet(np.full(num_classes, self.alpha), size=num_nodes)  # (K, C)
         pieces = []
@@ -148,6 +159,7 @@ class Shards:
         self.node_test = _check_node_test(node_test)
 
     def __call__(self, y_train: np.ndarray, y_test: np.ndarray, num_nodes: int, rng: np.random.Generator) -> Partition:
+        _need_test_split(y_test)
         num_shards = self.shards_per_node * num_nodes
         if num_shards > len(y_train):
             raise ConfigError(
@@ -219,6 +231,7 @@ class LabelDistribution:
         self.test = [dict(c) for c in test]
 
     def __call__(self, y_train: np.ndarray, y_test: np.ndarray, num_nodes: int, rng: np.random.Generator) -> Partition:
+        _need_test_split(y_test)
         if num_nodes != len(self.train):
             raise ConfigError(
                 f"this label-distribution partition defines {len(self.train)} nodes; set num_nodes={len(self.train)}"
