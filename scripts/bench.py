@@ -6,7 +6,12 @@ are absent), 1 local epoch, batch 32, SGD lr 0.05, evaluation off:
 - ``w1`` (cross-silo, the default): 100 nodes, Dirichlet alpha 0.5 (~600 examples each), 10 per
   round, CNN conv(1->16,k5)-relu-pool-conv(16->32,k5)-relu-pool-fc(512->128)-relu-fc(128->10);
 - ``w2`` (cross-device): 10,000 nodes, Dirichlet alpha 100 (~6 examples each), 1,000 per round,
-  MLP 784-128-10 (101,770 parameters).
+  MLP 784-128-10 (101,770 parameters);
+- ``w5`` (Shakespeare cross-device, LEAF's task): the natural partition of the cached Shakespeare
+  set (``python -m fedsim.data.shakespeare`` first), a seeded fifth of the roles (about 230), split
+  0.8/0.2 in time, 100 roles per round, LEAF's LSTM (819,920 parameters), batch 10, SGD lr 0.8,
+  and 5 minibatches per role and round (``strategy.client.steps=5``: one epoch of a role is 357
+  minibatches on average, about half an hour of one core for 100 roles).
 
 It measures, in one run:
 1. the simulator (Ray executor, one actor per core, evaluation off): samples/s over the rounds
@@ -21,6 +26,7 @@ the loop (worker, executor, Ray, server) costs.
 
     python scripts/bench.py [--workload w1|w2] [--rounds 30] [--warmup 3] [--cpus N] [-- extra overrides]
     python scripts/bench.py --workload w2 --rounds 12 --warmup 2 cluster.vectorize=true
+    python scripts/bench.py --workload w5 --rounds 4 --warmup 1
 """
 
 from __future__ import annotations
@@ -52,6 +58,22 @@ WORKLOAD = [
 ]
 SYNTHETIC = ["dataset=synthetic", "dataset.shape=[1,28,28]", "dataset.n_train=60000", "dataset.n_test=10000"]
 W2 = ["model=mlp", "partition.alpha=100", "num_nodes=10000", "nodes_per_round=1000"]
+W5 = [
+    "dataset=shakespeare",
+    "partition=natural",
+    "partition.fraction=0.2",
+    "partition.train_fraction=0.8",
+    "model=lstm",
+    "num_nodes=229",
+    "nodes_per_round=100",
+    "strategy.client.epochs=1",
+    "strategy.client.steps=5",
+    "strategy.client.batch_size=10",
+    "strategy.client.lr=0.8",
+    "eval_every=0",
+    "cluster=ray",
+    "logger=jsonl",
+]
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -62,6 +84,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
     )
     data = ["dataset=fashion_mnist", "dataset.download=false"] if have_fmnist else SYNTHETIC
     workload = [*WORKLOAD, *(W2 if args.workload == "w2" else [])]
+    if args.workload == "w5":
+        data, workload = [], W5
     return [*data, *workload, f"rounds={args.rounds}", f"cluster.num_cpus={args.cpus}", *args.overrides]
 
 
@@ -109,7 +133,11 @@ def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: 
     torch.set_num_threads(1)
     cfg = compose(cfg_overrides)
     ds = instantiate(cfg.dataset)
-    part = instantiate(cfg.partition)(ds.y_train, ds.y_test, int(cfg.num_nodes), np_rng(int(cfg.seed), "partition"))
+    partitioner = instantiate(cfg.partition)
+    if getattr(partitioner, "takes_dataset", False):  # a natural partition (w5)
+        ds, part = partitioner.split(ds, int(cfg.num_nodes))
+    else:
+        part = partitioner(ds.y_train, ds.y_test, int(cfg.num_nodes), np_rng(int(cfg.seed), "partition"))
     model = instantiate(cfg.model)(ds.input_shape, ds.num_classes)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     index = [torch.from_numpy(ix) for ix in part.train]
@@ -130,6 +158,7 @@ def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: 
         return
     client = cfg.strategy.client
     lr, bs, epochs = float(client.lr), int(client.batch_size), int(client.epochs)
+    steps = None if client.get("steps") is None else int(client.steps)
     gen = torch.Generator().manual_seed(0)
     barrier.wait()
     t0 = time.perf_counter()
@@ -138,21 +167,35 @@ def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: 
         torch.nn.utils.vector_to_parameters(start_params, model.parameters())
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         xs, ys = x[index[node]], y[index[node]]
-        for _ in range(epochs):
-            perm = torch.randperm(len(ys), generator=gen)
-            for i in range(0, len(ys), bs):
-                b = perm[i : i + bs]
-                opt.zero_grad()
-                F.cross_entropy(model(xs[b]), ys[b]).backward()
-                opt.step()
-        samples += epochs * len(ys)
+        if steps is None:
+            for _ in range(epochs):
+                perm = torch.randperm(len(ys), generator=gen)
+                for i in range(0, len(ys), bs):
+                    b = perm[i : i + bs]
+                    opt.zero_grad()
+                    F.cross_entropy(model(xs[b]), ys[b]).backward()
+                    opt.step()
+            samples += epochs * len(ys)
+        else:  # exactly `steps` minibatches, cycling passes (LocalSGD's steps)
+            done = 0
+            while done < steps:
+                perm = torch.randperm(len(ys), generator=gen)
+                for i in range(0, len(ys), bs):
+                    if done == steps:
+                        break
+                    b = perm[i : i + bs]
+                    opt.zero_grad()
+                    F.cross_entropy(model(xs[b]), ys[b]).backward()
+                    opt.step()
+                    done += 1
+            samples += steps * min(bs, len(ys))
         _ = start_params - torch.nn.utils.parameters_to_vector(model.parameters())
     queue.put((samples, time.perf_counter() - t0))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["w1", "w2"], default="w1")
+    ap.add_argument("--workload", choices=["w1", "w2", "w5"], default="w1")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
@@ -216,7 +259,11 @@ def main() -> None:
     out = {
         "workload": args.workload,
         "overrides": args.overrides,
-        "dataset": "fashion_mnist" if "dataset=fashion_mnist" in ov else "synthetic[1,28,28]",
+        "dataset": "shakespeare"
+        if args.workload == "w5"
+        else "fashion_mnist"
+        if "dataset=fashion_mnist" in ov
+        else "synthetic[1,28,28]",
         "cpus": args.cpus,
         "steady_rounds": args.rounds - args.warmup,
         "sim_samples_per_s": round(sim_tput, 1),
