@@ -61,6 +61,12 @@ def one_line(exc: BaseException) -> str:
                 "strategy/aggregator=..., which applies to fedavg, fedprox, robust, floral, monna, vrls and the "
                 "asynchronous steps"
             )
+        if key == "strategy/server_opt":
+            return (
+                "the chosen strategy has no server optimiser to choose (it builds its own step); drop "
+                "strategy/server_opt=..., which applies to fedavg, fedprox, robust, floral, scaffold, fednova, "
+                "feddyn, the fedau family and the asynchronous steps"
+            )
         return f"there is no option '{key}'; check the spelling (a new key is added with +{key}=VALUE)"
     return first
 

@@ -71,7 +71,27 @@ def check(plan: Plan) -> None:
             "server=p2p exchanges whole models between peers and has no uplink to compress; "
             "remove the compressor=/feedback= options (compressed gossip is not implemented)"
         )
+    if caps.broadcast != "none" and server.kind not in ("sync", "async"):
+        servers = " or ".join(f"server={k}" for k in sorted(caps.servers & {"sync", "async"})) or "a server"
+        raise ConfigError(
+            f"{s} sends a broadcast beside the model, which server={server.kind} cannot carry "
+            f"(members exchange models only); use {servers}"
+        )
+    names = [v.name for v in caps.message]
+    if caps.rows != "update" and caps.message[0].size is not None:
+        raise ConfigError(
+            f"{s} declares rows={caps.rows}, which applies to its first vector {names[0]!r}; that vector "
+            "must be model-sized (size None)"
+        )
     attack = plan.byzantine.attack
+    targets = getattr(attack, "vectors", None)
+    if targets is not None:
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise ConfigError(
+                f"{plan.option('attack', attack)} targets the vectors {unknown}, but {s} sends "
+                f"{', '.join(names)}; set attack.vectors to some of them (or null: all)"
+            )
     if attack is not None and attack.needs_defence and not caps.defence:
         raise ConfigError(
             f"{plan.option('attack', attack)} line-searches its strength against the aggregation, "

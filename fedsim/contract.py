@@ -34,7 +34,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from fedsim.types import ClientContext, ClientResult, NodeData, NodeState, RoundInfo, UpdateBatch
+from fedsim.types import (
+    UPDATE,
+    ClientContext,
+    ClientResult,
+    Layout,
+    NodeData,
+    NodeState,
+    RoundInfo,
+    UpdateBatch,
+    Vector,
+)
 
 if TYPE_CHECKING:
     from fedsim.params import FlatModel
@@ -46,6 +56,9 @@ SERVERS = ("sync", "async", "p2p")
 
 ROW_SPACES = ("update", "current", "model")
 TRIGGERS = ("barrier", "buffer", "period")
+BROADCASTS = ("none", "scalars", "vectors")
+
+__all__ = ["Layout", "Vector", "UPDATE"]  # re-exported: a plug-in imports the contract from here
 
 Defence = Callable[[torch.Tensor], torch.Tensor]
 """A strategy's aggregation as an attacker sees it: rows -> the vector the server would use."""
@@ -112,6 +125,16 @@ class Capabilities:
       engine may hand it that mean as a single row (error-feedback mirrors).
     - ``weighted``: with ``linear``, whether w_i is the node's number of examples.
     - ``defence``: ``defence()`` returns its aggregation for line-searched attacks.
+    - ``message``: the named vectors a node sends (`Vector`; default one model-sized ``update``).
+      Each vector has its own uplink stage (compression, error-feedback state, bytes), its own
+      Byzantine forgery (`UpdateAttack.vectors`), and is read by name in ``step``
+      (``batch.vector(name)``). The row spaces apply to the first vector.
+    - ``broadcast``: what ``broadcast(state)`` sends beside the model (`BROADCASTS`): nothing,
+      a few numbers, or vectors (sent through the object store once per step; on the asynchronous
+      server each node gets the broadcast of the model version it starts from).
+
+    ``linear`` is honoured only for a ``step`` marked with `linear_step` (see `is_linear`): a
+    subclass that overrides ``step`` without re-declaring it gets rows.
     """
 
     servers: frozenset[str] = frozenset({"sync", "async"})
@@ -125,8 +148,13 @@ class Capabilities:
     linear: bool = False
     weighted: bool = True
     defence: bool = True
+    message: tuple[Vector, ...] = UPDATE
+    broadcast: str = "none"
 
     def __post_init__(self) -> None:
+        Layout(tuple(self.message), 1)  # names: non-empty, unique
+        if self.broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast={self.broadcast!r} must be one of {BROADCASTS}")
         unknown = set(self.servers) - set(SERVERS)
         if unknown:
             raise ValueError(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
@@ -134,6 +162,26 @@ class Capabilities:
             raise ValueError(f"rows={self.rows!r} must be one of {ROW_SPACES}")
         if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger={self.trigger!r} must be one of {TRIGGERS}")
+
+
+def linear_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a ``Strategy.step`` whose result depends on the rows only through their weighted
+    mean (when its instance declares ``linear``): the engine may then sum rows where the nodes
+    run, and mirror an error-feedback uplink. The mark belongs to the function, so a subclass
+    that overrides ``step`` drops it unless it marks its own."""
+    step.linear_step = True  # type: ignore[attr-defined]
+    return step
+
+
+def is_linear(strategy: Strategy) -> bool:
+    """Whether the engine may hand ``strategy.step`` the weighted mean of the rows as one row:
+    it declares ``linear`` and its ``step`` is marked with `linear_step`."""
+    return bool(strategy.capabilities.linear) and bool(getattr(type(strategy).step, "linear_step", False))
+
+
+def message_layout(strategy: Strategy, dim: int) -> Layout:
+    """Where the strategy's declared vectors sit in a message row, for a model of ``dim``."""
+    return Layout(tuple(strategy.capabilities.message), int(dim))
 
 
 class ClientUpdate:
@@ -233,8 +281,8 @@ class Strategy:
       mutates the old one. ``params`` is the model vector, or the (members, d) matrix of every
       member's model for peer-to-peer strategies.
 
-    Optional: ``broadcast(state)`` (a few numbers sent with the model, read by nodes as
-    ``ctx.server``), ``defence(state, info)`` (its aggregation for line-searched attacks: a
+    Optional: ``broadcast(state)`` (what is sent with the model, read by nodes as
+    ``ctx.broadcast``; declared in ``Capabilities.broadcast``), ``defence(state, info)`` (its aggregation for line-searched attacks: a
     `Defence`, or a `PeerDefence` when every node mixes on its own), ``attack_defaults``,
 
     ``check(rows)`` (raise ConfigError when its rules cannot take ``rows`` rows per step),
@@ -274,10 +322,14 @@ class UpdateAttack:
     ``__call__(honest (h, d), f, *, info, rng, state, defence) -> ((f, d) rows, state)``. It sees
     the rows as the strategy will combine them (`Capabilities.rows`). ``rng`` is the step's stream
     (seed, "attack", round); ``state`` its own explicit state (``init()``). Declared:
-    ``needs_defence`` (it line-searches against the strategy's ``defence``)."""
+    ``needs_defence`` (it line-searches against the strategy's ``defence``) and ``vectors``: the
+    message vectors it forges (None: all). For a message of several vectors it runs once per
+    targeted vector on that vector's columns (with the stream (seed, "attack", round, name) and a
+    state of its own per vector); an untargeted vector carries the honest rows' mean."""
 
     kind = "update"
     needs_defence = False
+    vectors: tuple[str, ...] | None = None
 
     def init(self) -> dict[str, Any]:
         return {}

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import compat
 from fedsim.config import choices, validate
-from fedsim.contract import RunFacts, Server, Strategy, UpdateAttack
+from fedsim.contract import RunFacts, Server, Strategy, UpdateAttack, message_layout
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.evaluate import Evaluator
@@ -109,12 +109,39 @@ class Simulation:
             "num_test": len(self.data.dataset.y_test),
             "byzantine_ids": sorted(self.byzantine.ids),
             "uplink": self.uplink.mode(self.strategy),
-            "large_steps": "summed where nodes run" if self.pipeline().reduce is not None else "rows shipped",
+            "large_steps": "summed where nodes run" if self.pipeline().presum is not None else "rows shipped",
+            "message": message_layout(self.strategy, self.num_params).names,
+            **({"vectorize": self.vectorize_info()} if self.executor.spec.vectorize else {}),
             **({"attack": repr(self.byzantine.attack)} if self.byzantine.attack is not None else {}),
         }
 
+    def vectorize_info(self) -> str:
+        """With ``cluster.vectorize=true``: whether the nodes train in cohorts, and if not why."""
+        client = self.strategy.client
+        if client.vectorizable:
+            return "cohorts"
+        why = getattr(client, "not_vectorized", "") or f"{type(client).__name__} has no cohort path"
+        return f"one node at a time ({why})"
+
     def close(self) -> None:
         self.executor.shutdown()
+
+
+def make_attack(node: DictConfig) -> Any:
+    """The attack of ``node`` (None for ``attack=none``). ``vectors`` (the message vectors an
+    update attack forges; null: all) is the engine's option, not the attack's: it is set on the
+    attack after instantiation."""
+    if not node.get("_target_"):
+        return None
+    targets = node.get("vectors")
+    if "vectors" in node:
+        node = OmegaConf.masked_copy(node, [str(k) for k in node if k != "vectors"])
+    attack = make(node)
+    if targets is not None:
+        if not isinstance(attack, UpdateAttack):
+            raise ConfigError("attack.vectors applies to update attacks only (a data attack poisons labels)")
+        attack.vectors = (str(targets),) if isinstance(targets, str) else tuple(str(t) for t in targets)
+    return attack
 
 
 def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation:
@@ -134,7 +161,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         )
 
     partition = make(cfg.partition)(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
-    attack = make(cfg.attack) if cfg.attack.get("_target_") else None
+    attack = make_attack(cfg.attack)
     byzantine = Byzantine.draw(
         num_nodes=num_nodes,
         num=cfg.byzantine.num,
@@ -183,6 +210,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         seed,
         threads=1,
         uplink=uplink if uplink.active else None,
+        message=tuple(strategy.capabilities.message),
     )
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)

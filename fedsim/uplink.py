@@ -21,6 +21,12 @@ contract:
   hands the strategy the senders' current h_i as their rows, so the strategy combines the
   nodes' estimates as it would combine their messages.
 
+A message of several vectors (`fedsim.contract.Capabilities.message`) goes through one stage per
+vector: each vector that declares ``compress`` is compressed with its own stream (seed, "compress",
+round, node, name) and its own feedback state (``"uplink"`` then maps vector names to states); the
+others are sent dense and as they are. Server side, only the compressed vectors' columns are
+increments of an estimate; mirror mode needs every vector compressed, else per-node mode applies.
+
 Naive compression and EF14 send C(.) of a vector in message units: the rows are the messages.
 The attack sees the rows as the strategy will combine them (``fedsim.server.pipeline``): the
 increments in mirror mode, the estimates h_i in per-node mode.
@@ -29,16 +35,17 @@ increments in mirror mode, the estimates h_i in per-node mode.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.compress import Compressor
-from fedsim.contract import Feedback, RunFacts, Strategy
+from fedsim.contract import Feedback, RunFacts, Strategy, is_linear, message_layout
 from fedsim.seeding import torch_rng
 from fedsim.state import PersistentMap
-from fedsim.types import ClientContext, NodeState, UpdateBatch
+from fedsim.types import ClientContext, Layout, NodeState, UpdateBatch
 
 MODES = ("none", "mirror", "per_node")
 
@@ -55,20 +62,56 @@ class Uplink:
     # -- node side ---------------------------------------------------------------------------
 
     def encode(
-        self, g: torch.Tensor, state: NodeState | None, ctx: ClientContext, sizes: Sequence[int]
+        self,
+        g: torch.Tensor,
+        state: NodeState | None,
+        ctx: ClientContext,
+        sizes: Sequence[int],
+        layout: Layout | None = None,
     ) -> tuple[torch.Tensor, int, NodeState, dict[str, float]]:
-        """(message sent, its bytes, the node's new uplink state, metrics) for the client's g."""
-        rng = torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id)
-        message, nbytes, new = self.feedback.node(g, state or {}, lambda v: self.compressor.compress(v, rng, sizes))
-        metrics = {"compress/error_norm": float(new["e"].norm())} if "e" in new else {}
-        return message, nbytes, new, metrics
+        """(message sent, its bytes, the node's new uplink state, metrics) for the client's row
+        g: one stage for a one-vector message, one per vector of a ``layout`` of several."""
+        if layout is None or layout.single:
+            rng = torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id)
+            message, nbytes, new = self.feedback.node(g, state or {}, lambda v: self.compressor.compress(v, rng, sizes))
+            metrics = {"compress/error_norm": float(new["e"].norm())} if "e" in new else {}
+            return message, nbytes, new, metrics
+        parts, total, states, errors = [], 0, {}, []
+        for vector, cols in layout.items():
+            seg = g[cols]
+            if not vector.compress:
+                parts.append(seg)
+                total += seg.numel() * seg.element_size()
+                continue
+            compress = self.stage(
+                torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id, vector.name), sizes, vector.size
+            )
+            sent, nbytes, new = self.feedback.node(seg.clone(), (state or {}).get(vector.name, {}), compress)
+            parts.append(sent)
+            total += int(nbytes)
+            states[vector.name] = new
+            if "e" in new:
+                errors.append(new["e"])
+        metrics = {"compress/error_norm": float(torch.cat(errors).norm())} if errors else {}
+        return torch.cat(parts), total, states, metrics
+
+    def stage(self, rng: torch.Generator, sizes: Sequence[int], size: int | None) -> Any:
+        """The compressor of one vector's stage: ``v -> Payload`` with its own stream; a
+        model-sized vector (``size`` None) is cut by the model's layer ``sizes``."""
+        cut = list(sizes) if size is None else [int(size)]
+
+        def compress(v: torch.Tensor) -> Any:
+            return self.compressor.compress(v, rng, cut)
+
+        return compress
 
     # -- server side -------------------------------------------------------------------------
 
     def mode(self, strategy: Strategy) -> str:
         if not self.active or not self.feedback.estimate:
             return "none"
-        return "mirror" if strategy.capabilities.linear else "per_node"
+        every = all(v.compress for v in strategy.capabilities.message)
+        return "mirror" if is_linear(strategy) and every else "per_node"
 
     def init(self, params: torch.Tensor, strategy: Strategy, facts: RunFacts) -> dict[str, Any]:
         mode = self.mode(strategy)
@@ -76,7 +119,9 @@ class Uplink:
             w = np.asarray(facts.sizes, dtype=np.float64)
             if not strategy.capabilities.weighted or w.sum() <= 0:
                 w = np.ones_like(w)
-            return {"h": torch.zeros_like(params), "node_weights": torch.from_numpy(w / w.sum())}
+            width = message_layout(strategy, params.numel()).width
+            h = torch.zeros_like(params) if width == params.numel() else params.new_zeros(width)
+            return {"h": h, "node_weights": torch.from_numpy(w / w.sum())}
         if mode == "per_node":
             return {"h": PersistentMap()}
         return {}
@@ -87,25 +132,28 @@ class Uplink:
         if batch.report or "h" not in state or not isinstance(state["h"], Mapping) or len(batch) == 0:
             return batch, state
         h = PersistentMap.of(state["h"])
+        # the columns that are increments of an estimate (every column of a one-vector message)
+        lay = batch.layout
+        keep = None
+        if lay is not None and not lay.single:
+            keep = torch.zeros(lay.width, dtype=torch.bool)
+            for vector, cols in lay.items():
+                keep[cols] = vector.compress
         changes: dict[int, torch.Tensor] = {}
         rows = []
         for nid, delta in zip(batch.node_ids.tolist(), batch.messages):
             old = changes.get(nid, h.get(nid))
-            changes[nid] = delta.clone() if old is None else old + delta
+            if old is None:
+                changes[nid] = delta.clone()
+            elif keep is None:
+                changes[nid] = old + delta
+            else:  # dense vectors are sent whole: their columns are replaced, not accumulated
+                changes[nid] = torch.where(keep, old + delta, delta)
             rows.append(changes[nid])
         h = h.updated(changes)
-        out = UpdateBatch(
-            batch.node_ids,
-            torch.stack(rows),
-            batch.num_examples,
-            batch.base_version,
-            batch.bytes_up,
-            batch.metrics,
-            batch.report,
-        )
-        return out, {**state, "h": h}
+        return replace(batch, messages=torch.stack(rows)), {**state, "h": h}
 
-    def reduce(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
+    def fold(self, batch: UpdateBatch, state: dict[str, Any]) -> tuple[UpdateBatch, dict[str, Any]]:
         """Mirror mode: fold the step's increments into h = sum_i w_i h_i and hand the strategy h
         as the step's single row. Other modes and reports: unchanged."""
         if batch.report or len(batch) == 0 or not isinstance(state.get("h"), torch.Tensor):
@@ -113,5 +161,7 @@ class Uplink:
         w = state["node_weights"].index_select(0, batch.node_ids).to(batch.messages.dtype)
         h = state["h"] + w @ batch.messages
         one = torch.ones(1, dtype=torch.int64)
-        out = UpdateBatch(batch.node_ids[:1], h.unsqueeze(0), one, batch.base_version[:1], batch.bytes_up[:1])
+        out = UpdateBatch(
+            batch.node_ids[:1], h.unsqueeze(0), one, batch.base_version[:1], batch.bytes_up[:1], layout=batch.layout
+        )
         return out, {**state, "h": h}

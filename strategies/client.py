@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,44 @@ from fedsim.seeding import torch_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
 
 
+@dataclass(frozen=True)
+class Correction:
+    """Per-node terms that a client adds to every local gradient g (after weight decay):
+    g + prox * (x - start) + linear, with x the node's current model and ``start`` the model it
+    received. FedProx: prox = mu; SCAFFOLD: linear = c - c_i; FedDyn: prox = alpha and
+    linear = -g_i. Terms of this form keep a client on the vectorised cohort path."""
+
+    prox: float = 0.0
+    linear: torch.Tensor | None = None
+
+
+def sgd_direction(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    weight_decay: float,
+    prox: float = 0.0,
+    linear: torch.Tensor | None = None,
+    velocity: torch.Tensor | None = None,
+    momentum: float = 0.0,
+) -> torch.Tensor:
+    """The local SGD update, written once for the one-node loop (flat (d,) vectors) and the
+    cohort loop (per-parameter (K, *shape) views): the gradient ``g`` (changed in place) plus
+    weight decay and the client's `Correction`, then heavy-ball momentum; returns the direction
+    that the model descends (x <- x - lr * direction)."""
+    if weight_decay:
+        g.add_(x, alpha=weight_decay)
+    if prox:
+        g.add_(x - start, alpha=prox)
+    if linear is not None:
+        g.add_(linear)
+    if velocity is None:
+        return g
+    velocity.mul_(momentum).add_(g)
+    return velocity
+
+
 class LocalSGD(ClientUpdate):
     """Local minibatch SGD, returning the pseudo-gradient ``start - local``.
 
@@ -25,8 +64,10 @@ class LocalSGD(ClientUpdate):
     (seed, "train", round, node_id), so the result does not depend on where the node runs.
 
     Subclasses change the objective by overriding `loss`, the labels a step trains on by
-    overriding `targets`, and the gradient by overriding `adjust_gradient` (which sees the
-    start model: a proximal term, as strategies/fedprox.py does).
+    overriding `targets`, the gradient by `correction` (per-node terms from the node's state and
+    the round's broadcast: a proximal term, as strategies/fedprox.py does, or a control variate),
+    and what is sent and kept by `finish` (a message of several vectors, a new node state). The
+    last two keep the client on the vectorised cohort path; the first two do not.
     """
 
     def __init__(
@@ -76,11 +117,19 @@ class LocalSGD(ClientUpdate):
 
     @property
     def vectorizable(self) -> bool:  # type: ignore[override]
-        """Plain local SGD (momentum, weight decay, `adjust_gradient` written for (K, d) rows
-        too, as FedProx's is); a subclass that changes `loss` or `targets` trains one node at a
-        time unless it says otherwise."""
+        """Local SGD with any `correction` and `finish`; a subclass that changes `loss`,
+        `targets` or ``__call__`` trains one node at a time unless it says otherwise
+        (`not_vectorized` says why)."""
+        return not self.not_vectorized
+
+    @property
+    def not_vectorized(self) -> str:
+        """Why this client has no cohort path ("" when it has one)."""
         cls = type(self)
-        return cls.loss is LocalSGD.loss and cls.targets is LocalSGD.targets and cls.__call__ is LocalSGD.__call__
+        changed = [
+            name for name in ("loss", "targets", "__call__") if getattr(cls, name) is not getattr(LocalSGD, name)
+        ]
+        return f"{cls.__name__} overrides {', '.join(changed)}" if changed else ""
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, state: NodeState | None) -> torch.Tensor:
         if self.objective == "hinge":
@@ -97,9 +146,26 @@ class LocalSGD(ClientUpdate):
         """The labels the step trains on (the node's own by default; FLORAL attacks them)."""
         return y
 
-    def adjust_gradient(self, grad: torch.Tensor, params: torch.Tensor, start: torch.Tensor) -> None:
-        """Change the flat gradient in place before the step (after weight decay). ``params`` is
-        the node's current model, ``start`` the model it received. Default: nothing."""
+    def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction | None:
+        """The terms this node adds to every local gradient this round (`Correction`), from the
+        model it received, its own state and the round's context (``ctx.broadcast``). Default:
+        none."""
+        return None
+
+    def finish(
+        self,
+        model: FlatModel,
+        delta: torch.Tensor,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+    ) -> tuple[torch.Tensor | Mapping[str, torch.Tensor], NodeState | None]:
+        """(message, new state) once the local steps are done; ``delta`` = start - local
+        model (zeros for a node without data). ``model`` may be loaded with any parameters
+        (e.g. ``start``, to take a gradient there). Default: the message is ``delta``, the state
+        unchanged. Strategies that declare several vectors return them by name here."""
+        return delta, state
 
     def _batches(self, n: int, gen: torch.Generator):
         """Yield index tensors of minibatches for this round."""
@@ -135,12 +201,13 @@ class LocalSGD(ClientUpdate):
         """The local SGD loop on ``loss_fn(logits, targets)``; returns ``start - local``."""
         n = len(data)
         if n == 0:
-            return ClientResult(torch.zeros_like(start), state, {}, 0)
+            return self.empty(model, start, state, ctx)
         gen = ctx.generator()
         # the stream of `targets` (FLORAL's attacker), made only for clients that use it
         aux = torch_rng(ctx.seed, "client-aux", ctx.round, ctx.node_id) if self.uses_aux else None
         flat, grad, module = model.flat, model.flat_grad, model.module
         velocity = torch.zeros_like(flat) if self.momentum > 0 else None
+        corr = self.correction(start, state, ctx) or NO_CORRECTION
         loss_sum = 0.0
         correct = 0
         seen = 0
@@ -151,20 +218,24 @@ class LocalSGD(ClientUpdate):
             loss = loss_fn(logits, self.targets(logits.detach(), yb, aux))
             loss.backward()
             with torch.no_grad():
-                if self.weight_decay:
-                    grad.add_(flat, alpha=self.weight_decay)
-                self.adjust_gradient(grad, flat, start)
-                if velocity is not None:
-                    velocity.mul_(self.momentum).add_(grad)
-                    flat.add_(velocity, alpha=-self.lr)
-                else:
-                    flat.add_(grad, alpha=-self.lr)
+                direction = sgd_direction(
+                    grad,
+                    flat,
+                    start,
+                    weight_decay=self.weight_decay,
+                    prox=corr.prox,
+                    linear=corr.linear,
+                    velocity=velocity,
+                    momentum=self.momentum,
+                )
+                flat.add_(direction, alpha=-self.lr)
                 k = int(yb.shape[0])
                 loss_sum += float(loss) * k
                 correct += int((logits.argmax(1) == yb).sum())
                 seen += k
         metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
-        return ClientResult(start - flat, state, metrics, n)
+        message, new_state = self.finish(model, start - flat, start, data, state, ctx)
+        return ClientResult(message, new_state, metrics, n)
 
     @property
     def uses_aux(self) -> bool:
@@ -176,7 +247,7 @@ class LocalSGD(ClientUpdate):
         the (K, d) parameter matrix. Each node's loss is the mean over its real examples, as in
         `train`; the update rule is the same, row by row."""
         plans = [list(self._batches(len(d), ctx.generator())) if len(d) else [] for d, ctx in zip(datas, ctxs)]
-        return self.train_cohort(model, starts, datas, states, plans)
+        return self.train_cohort(model, starts, datas, states, plans, ctxs=ctxs)
 
     def train_cohort(
         self,
@@ -190,27 +261,28 @@ class LocalSGD(ClientUpdate):
         normalize: str = "count",
         zeta: float = 0.0,
         gradient: bool = False,
+        ctxs: Sequence[ClientContext] | None = None,
     ) -> list[ClientResult]:
         """The cohort loop, given each node's minibatches (``plans``; nodes with different
         numbers of steps run as separate groups). The loss of node k on a batch is
         sum_i a_i l_i / N_k with l_i the example's loss (minus ``zeta`` times its prediction
         entropy), a_i = ``class_weights[k, y_i]`` (1 without) and N_k the batch size
         (``normalize="count"``) or sum_i a_i (``"weights"``). ``gradient=True``: one step's
-        gradient at the start model is the message (FedSGD), nothing is trained."""
+        gradient at the start model is the message (FedSGD), nothing is trained. With ``ctxs``
+        each node's `correction` applies at every step and its `finish` makes its message."""
         K = len(datas)
         out: list[ClientResult | None] = [None] * K
         groups: dict[int, list[int]] = {}
         for k, plan in enumerate(plans):
             if len(datas[k]) == 0:
-                out[k] = ClientResult(torch.zeros_like(starts[k]), states[k], {}, 0)
+                out[k] = self.empty(model, starts[k], states[k], None if ctxs is None else ctxs[k])
             else:
                 groups.setdefault(len(plan), []).append(k)
         fm, batched, from_one = self._vector_parts(model, zeta, normalize)
-        # Without a rule on whole rows, each parameter's (K, *shape) gradient updates its view of
-        # the rows directly. The rows kept are D = start - current model (the messages), so a
-        # step is D += lr * v and the model S - D is formed only when a later step needs it; a
-        # first step from one shared model (the synchronous case) runs that model unbatched.
-        by_view = not gradient and type(self).adjust_gradient is LocalSGD.adjust_gradient
+        # Each parameter's (K, *shape) gradient updates its view of the rows directly. The rows
+        # kept are D = start - current model (the messages), so a step is D += lr * v and the
+        # model S - D is formed only when a later step needs it; a first step from one shared
+        # model (the synchronous case) runs that model unbatched.
         C = None if class_weights is None else class_weights.shape[1]
         shared = starts.shape[0] > 0 and starts.stride(0) == 0  # one model, expanded
         for members in groups.values():
@@ -227,6 +299,8 @@ class LocalSGD(ClientUpdate):
             D: torch.Tensor | None = None
             velocity = torch.zeros(S.shape, dtype=S.dtype) if self.momentum > 0 and not gradient else None
             Vv = fm.views(velocity) if velocity is not None else None
+            prox, Lv = self.cohort_correction(fm, S, members, states, ctxs)
+            Sv = fm.views(S) if prox else None
             loss_sum = torch.zeros(n_k, dtype=torch.float64)
             correct = torch.zeros(n_k, dtype=torch.int64)
             seen = torch.zeros(n_k, dtype=torch.int64)
@@ -246,37 +320,71 @@ class LocalSGD(ClientUpdate):
                     if gradient:
                         D = fm.flat(grads)
                         break
-                    if by_view:
-                        first = D is None
+                    first = D is None
+                    if first:
+                        D = torch.empty(S.shape, dtype=S.dtype)
+                    Dv = fm.views(D)
+                    for name, g in grads.items():
+                        v = sgd_direction(
+                            g,
+                            Pv[name],
+                            Sv[name] if Sv is not None else Pv[name],
+                            weight_decay=self.weight_decay,
+                            prox=prox,
+                            linear=None if Lv is None else Lv[name],
+                            velocity=None if Vv is None else Vv[name],
+                            momentum=self.momentum,
+                        )
                         if first:
-                            D = torch.empty(S.shape, dtype=S.dtype)
-                        Dv = fm.views(D)
-                        for name, g in grads.items():
-                            if self.weight_decay:
-                                g.add_(Pv[name], alpha=self.weight_decay)
-                            if Vv is not None:
-                                v = Vv[name]
-                                v.mul_(self.momentum).add_(g)
-                                g = v
-                            if first:
-                                torch.mul(g, self.lr, out=Dv[name])
-                            else:
-                                Dv[name].add_(g, alpha=self.lr)
-                        continue
-                    G = fm.flat(grads)
-                    if self.weight_decay:
-                        G.add_(P, alpha=self.weight_decay)
-                    self.adjust_gradient(G, P, S)
-                    if velocity is not None:
-                        velocity.mul_(self.momentum).add_(G)
-                        G = velocity
-                    D = G.mul(self.lr) if D is None else D.add_(G, alpha=self.lr)
+                            torch.mul(v, self.lr, out=Dv[name])
+                        else:
+                            Dv[name].add_(v, alpha=self.lr)
             assert D is not None
             for j, k in enumerate(members):
                 n = int(seen[j])
                 metrics = {"train/loss": float(loss_sum[j]) / n, "train/acc": int(correct[j]) / n}
-                out[k] = ClientResult(D[j], states[k], metrics, len(datas[k]))
+                message: torch.Tensor | Mapping[str, torch.Tensor] = D[j]
+                state = states[k]
+                if ctxs is not None and not gradient:
+                    model_start = S[j]
+                    message, state = self.finish(model, D[j], model_start, datas[k], states[k], ctxs[k])
+                out[k] = ClientResult(message, state, metrics, len(datas[k]))
         return [r for r in out if r is not None]
+
+    def empty(
+        self, model: FlatModel, start: torch.Tensor, state: NodeState | None, ctx: ClientContext | None
+    ) -> ClientResult:
+        """The result of a node without data: it sends zeros (every declared vector) and keeps
+        its state."""
+        zero = torch.zeros_like(start)
+        if ctx is None or type(self).finish is LocalSGD.finish:
+            return ClientResult(zero, state, {}, 0)
+        nothing = NodeData(zero[:0], torch.zeros(0, dtype=torch.int64))
+        message, _ = self.finish(model, zero, start, nothing, state, ctx)
+        if isinstance(message, Mapping):
+            message = {name: torch.zeros_like(v) for name, v in message.items()}
+        return ClientResult(message, state, {}, 0)
+
+    def cohort_correction(
+        self,
+        fm: FunctionalModel,
+        S: torch.Tensor,
+        members: Sequence[int],
+        states: Sequence[NodeState | None],
+        ctxs: Sequence[ClientContext] | None,
+    ) -> tuple[float, dict[str, torch.Tensor] | None]:
+        """The cohort's `Correction`: the proximal factor (one for the cohort) and the per-node
+        linear terms as per-parameter (K, *shape) views (None when no node has one)."""
+        if ctxs is None or type(self).correction is LocalSGD.correction:
+            return 0.0, None
+        corrs = [self.correction(S[j], states[k], ctxs[k]) or NO_CORRECTION for j, k in enumerate(members)]
+        proxes = {c.prox for c in corrs}
+        if len(proxes) > 1:
+            raise ValueError("a cohort's nodes must share the proximal factor of their correction")
+        if all(c.linear is None for c in corrs):
+            return proxes.pop(), None
+        L = torch.stack([c.linear if c.linear is not None else torch.zeros_like(S[0]) for c in corrs])
+        return proxes.pop(), fm.views(L)
 
     def _vector_grad(self, model: FlatModel, zeta: float = 0.0, normalize: str = "count") -> Callable[..., Any]:
         """vmap(grad) of the masked, weighted loss over a (K, d) parameter matrix: the (K, d)
@@ -324,6 +432,9 @@ class LocalSGD(ClientUpdate):
         return state
 
 
+NO_CORRECTION = Correction()
+
+
 def _padded(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K minibatches as (K, B, ...) inputs, (K, B) labels and a (K, B) 0/1 mask, B the largest."""
     B = max(int(y.shape[0]) for _, y in batches)
@@ -337,6 +448,23 @@ def _padded(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
         Y[k, :b] = y
         M[k, :b] = 1.0
     return X, Y, M
+
+
+def full_gradient(
+    model: FlatModel, at: torch.Tensor, data: NodeData, loss: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """The gradient of the mean of ``loss`` over all of ``data`` at the parameters ``at`` (in
+    chunks of 1,024 examples; ``model`` is left loaded with ``at``)."""
+    model.load(at)
+    n = len(data)
+    out = torch.zeros_like(at)
+    for i in range(0, n, 1024):
+        idx = torch.arange(i, min(n, i + 1024))
+        xb, yb = data.take(idx)
+        model.flat_grad.zero_()
+        loss(model.module(xb), yb).backward()
+        out.add_(model.flat_grad, alpha=len(idx) / n)
+    return out
 
 
 class WorkerMomentum(LocalSGD):

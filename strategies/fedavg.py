@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fedsim.contract import Capabilities, ClientUpdate, Defence, RunFacts, ServerOptimizer, Strategy
+from fedsim.contract import Capabilities, ClientUpdate, Defence, RunFacts, ServerOptimizer, Strategy, linear_step
 from fedsim.seeding import torch_rng
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.aggregators import Mean, as_rule
@@ -28,7 +28,8 @@ class FedAvg(Strategy):
     ``preaggregators`` (names or configs, see strategies.preaggregators.build_chain) run before
     the aggregator, with the stream (seed, "preagg", round) for the random ones (bucketing). An
     aggregator with explicit state (centered clipping) keeps it in ``state["aggregator"]``.
-    With the plain mean and no pre-aggregator the step is ``linear`` (`Capabilities`).
+    With the plain mean and no pre-aggregator the step is ``linear`` (`Capabilities`); a subclass
+    that overrides `step` is linear only if it marks its own with `fedsim.contract.linear_step`.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class FedAvg(Strategy):
 
         return run
 
+    @linear_step
     def step(
         self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:

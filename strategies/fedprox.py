@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from fedsim.errors import ConfigError
-from strategies.client import LocalSGD
+from fedsim.types import ClientContext, NodeState
+from strategies.client import Correction, LocalSGD
 from strategies.fedavg import FedAvg
 
 
 class FedProxClient(LocalSGD):
-    """Local SGD on F_k(w) + mu/2 ||w - w_start||^2: every step adds the term's gradient."""
+    """Local SGD on F_k(w) + mu/2 ||w - w_start||^2: every step adds the term's gradient
+    mu (w - w_start) (a `Correction` with prox = mu)."""
 
     def __init__(self, *, mu: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -22,9 +24,8 @@ class FedProxClient(LocalSGD):
             raise ConfigError(f"strategy.client.mu={mu} must be >= 0")
         self.mu = float(mu)
 
-    def adjust_gradient(self, grad: torch.Tensor, params: torch.Tensor, start: torch.Tensor) -> None:
-        if self.mu:
-            grad.add_(params - start, alpha=self.mu)
+    def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction | None:
+        return Correction(prox=self.mu) if self.mu else None
 
 
 class FedProx(FedAvg):

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedsim.contract import RunFacts
+from fedsim.contract import RunFacts, linear_step
 from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 from fedsim.seeding import np_rng, torch_rng
@@ -109,7 +109,7 @@ def _pack(values: np.ndarray, d: int) -> torch.Tensor:
 
 
 class VRLSClient(LocalSGD):
-    """The node side of `VRLS`: what a node does depends on the phase in ``ctx.server``.
+    """The node side of `VRLS`: what a node does depends on the phase in ``ctx.broadcast``.
 
     Options used at the node: ``form`` (``fedsgd``: one gradient of ``batch_size`` examples per
     round; ``local``: LocalSGD's epochs or steps with ``lr``), ``holdout`` (fraction of the
@@ -246,7 +246,7 @@ class VRLSClient(LocalSGD):
     def cohort(self, model, starts, datas, states, ctxs):
         """The training phases (predictor, IW-ERM) for K nodes at once, in either form; the
         reporting phases run one node at a time."""
-        b = ctxs[0].server or {}
+        b = ctxs[0].broadcast or {}
         phase = b.get("phase")
         if phase not in ("predictor", "train"):
             out = []
@@ -289,7 +289,7 @@ class VRLSClient(LocalSGD):
     def __call__(
         self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
     ) -> ClientResult:
-        b = ctx.server
+        b = ctx.broadcast
         if not b or "phase" not in b:
             raise ValueError("the VRLS client runs only under strategy=vrls (it needs the server's phase)")
         phase = b["phase"]
@@ -402,7 +402,7 @@ class VRLS(FedAvg):
         self.restart = bool(restart)
         self.robust = not self.capabilities.linear
         """Robust pooling of the reports (any rule but the plain mean)."""
-        self.declare(servers=frozenset({"sync"}), extra_rounds=self.pre_rounds)
+        self.declare(servers=frozenset({"sync"}), extra_rounds=self.pre_rounds, broadcast="vectors")
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -510,6 +510,7 @@ class VRLS(FedAvg):
             return out
         return {"phase": phase, "target": state["target"]}
 
+    @linear_step  # the training phases are FedAvg's step; the reports always arrive as rows
     def step(
         self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:

@@ -28,7 +28,7 @@ from fedsim.faults.attacks import (
 )
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.seeding import np_rng
-from fedsim.simulation import build, make
+from fedsim.simulation import build, make_attack
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.aggregators import Mean, TrimmedMean
 from tests.conftest import compose
@@ -151,7 +151,7 @@ def test_line_searched_attacks_take_the_strategy_defaults_where_unset():
         build(compose(*p2p_overrides("cluster=local", "attack=optimal_alie", "byzantine.num=2", "attack.below=true")))
     for bad, needle in (("attack.search=grid", "choose one of byzfl, monna"), ("attack.objective=all", "node0")):
         with pytest.raises(ConfigError, match=needle):
-            make(compose("attack=optimal_alie", bad).attack)
+            make_attack(compose("attack=optimal_alie", bad).attack)
 
 
 def test_optimal_attacks_beat_fixed_strength_against_their_defence():
@@ -365,5 +365,5 @@ def test_every_attack_config_runs_a_round():
         sim = build(cfg)
         state, _ = sim.run()
         assert torch.isfinite(state.params).all(), name
-        attack = make(cfg.attack) if cfg.attack.get("_target_") else None
+        attack = make_attack(cfg.attack)
         assert (attack is None) == (name == "none")

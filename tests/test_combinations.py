@@ -22,28 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
-STRATEGIES = [
-    "fedavg",
-    "fedprox",
-    "robust",
-    "floral",
-    "monna",
-    "fedau",
-    "avg_participating",
-    "avg_all",
-    "known_prob",
-    "fedvarp",
-    "mifa",
-    "fedbuff",
-    "fedasync",
-    "async_fedavg",
-    "fedfix",
-    "vrls",
-    "vrls_mlls",
-    "vrls_bbse",
-    "vrls_oracle",
-    "vrls_fedavg",
-]
+STRATEGIES = sorted(path.stem for path in (CONF / "strategy").glob("*.yaml"))
+"""Every strategy the command line offers (``strategy=<name>``): a new YAML is covered at once."""
 SERVERS = ["sync", "async", "p2p"]
 UPLINKS = {
     "none": {},
@@ -167,9 +147,14 @@ def test_every_combination_runs_or_is_refused_with_one_line():
         ("fedbuff", "async", "rand_k+econtrol", "sign_flip+median", "bernoulli"),
         ("monna", "p2p", "none", "label_flip", "uniform"),
         ("fedprox", "async", "qsgd", "alie", "markov"),
+        ("scaffold", "sync", "top_k+ef14", "sign_flip+median", "bernoulli"),
+        ("scaffold", "async", "rand_k+econtrol", "alie", "uniform"),
+        ("feddyn", "sync", "rand_k+econtrol", "label_flip", "markov"),
+        ("fednova", "sync", "qsgd", "sign_flip+median", "cyclic"),
     ]:
         assert cell in ran, (cell, next(d for c, _, d in results if c == cell))
     assert status["ran"] + status["refused"] == len(CELLS)
+    assert {"fedavg", "scaffold", "fednova", "feddyn", "vrls", "monna"} <= set(STRATEGIES)
 
 
 if __name__ == "__main__":

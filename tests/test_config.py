@@ -14,7 +14,7 @@ from fedsim.execution.worker import NodeTask, WorkerSpec
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.seeding import np_rng
-from fedsim.simulation import make
+from fedsim.simulation import make, make_attack
 from fedsim.uplink import Uplink
 from tests.conftest import CONF, compose, run_facts
 from tests.data.test_sources import make_cifar_set, make_idx_set
@@ -80,7 +80,7 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
         if option == "none":
             assert not node.get("_target_")
         else:
-            attack = make(node)
+            attack = make_attack(node)
             if attack.kind == "data":
                 y = np.repeat(np.arange(10), 5)
                 assert (attack.poison(y, 10, np_rng(0, "poison", 0)) != y).any()

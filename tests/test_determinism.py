@@ -69,12 +69,12 @@ def test_large_steps_are_summed_where_nodes_run_bit_identically_for_any_actor_co
         set_driver_threads(1)
         sim = build(compose(*CROSS_DEVICE, *cluster))
         try:
-            return sim.run()[0].params, sim.pipeline().reduce
+            return sim.run()[0].params, sim.pipeline().presum
         finally:
             sim.close()
 
     local, reduce = run("cluster=local")
-    assert reduce == worker.Reduce(weighted=True)
+    assert reduce == worker.PreSum(weighted=True)
     for actors in (1, 2, 3):
         ray_params, _ = run("cluster=ray", f"cluster.num_actors={actors}")
         assert torch.equal(local, ray_params), actors
@@ -150,6 +150,17 @@ def run_params(*overrides: str) -> torch.Tensor:
             "strategy/aggregator=median",
             "rounds=8",
         ],
+        [
+            "strategy=scaffold",
+            "strategy.client.option=I",
+            "compressor=top_k",
+            "feedback=ef21",
+            "attack=sign_flip",
+            "byzantine.num=2",
+            "strategy/aggregator=median",
+        ],
+        ["strategy=feddyn", "participation=bernoulli", "participation.p=0.5", "strategy.client.momentum=0.5"],
+        ["strategy=fednova", "strategy.client.momentum=0.9"],
     ],
     ids=[
         "robust-optimal-alie",
@@ -162,6 +173,9 @@ def run_params(*overrides: str) -> torch.Tensor:
         "fedvarp-cyclic",
         "async-fedbuff",
         "async-fedasync-median",
+        "scaffold-I-ef21-median",
+        "feddyn-bernoulli",
+        "fednova-momentum",
     ],
 )
 def test_byzantine_runs_are_bit_identical_across_executors(ray_cluster, setup):

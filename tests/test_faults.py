@@ -79,6 +79,15 @@ def wait_for_round(path: Path, target: int, proc: subprocess.Popen, limit: float
 
 CASES = {
     "sync-fedavg": ["rounds=60"],
+    "scaffold-ef21": [  # per-node control variates, the server's c, per-vector uplink state
+        "rounds=60",
+        "strategy=scaffold",
+        "compressor=top_k",
+        "compressor.ratio=0.1",
+        "feedback=ef21",
+        "nodes_per_round=5",
+    ],
+    "feddyn": ["rounds=60", "strategy=feddyn", "nodes_per_round=5"],
     "econtrol-topk": ["rounds=60", "compressor=top_k", "compressor.ratio=0.1", "feedback=econtrol"],
     "mifa-markov": ["rounds=60", "strategy=mifa", "participation=markov", "participation.p=0.5"],
     "fedbuff-lognormal": [

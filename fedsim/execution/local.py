@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.data.base import FederatedData
-from fedsim.execution.worker import NodeTask, NodeWorker, Reduce, RoundResult, WorkerSpec, round_tasks, vectorized
+from fedsim.execution.worker import NodeTask, NodeWorker, PreSum, RoundResult, WorkerSpec, round_tasks, vectorized
 
 
 class LocalExecutor:
@@ -30,12 +30,12 @@ class LocalExecutor:
         round_: int,
         tasks: Sequence[NodeTask],
         broadcast: dict | None = None,
-        reduce: Reduce | None = None,
+        presum: PreSum | None = None,
     ) -> RoundResult:
         threads = torch.get_num_threads()
-        ordered, _ = round_tasks(self.spec, tasks, reduce)
+        ordered, _ = round_tasks(self.spec, tasks, presum)
         try:
-            return RoundResult.merge([self.worker.run(params, round_, ordered, broadcast, reduce)])
+            return RoundResult.merge([self.worker.run(params, round_, ordered, broadcast, presum)])
         finally:
             torch.set_num_threads(threads)
 

@@ -2,7 +2,7 @@
 
 - Data is shipped once: the train arrays are put in the object store once; every actor on a
   machine maps the same shared-memory copy (zero-copy), and a machine fetches it once.
-- The model is broadcast once per round (one ``ray.put``); each actor receives one call per
+- The model (and the strategy's broadcast) is sent once per round (one ``ray.put`` each); each actor receives one call per
   round with its list of nodes and returns one stacked (k, d) tensor.
 - Nodes are assigned to actors per round by longest-processing-time-first on their expected
   work, so a synchronous round is not held up by an unlucky draw. Because every actor can read
@@ -30,7 +30,7 @@ from fedsim.errors import ConfigError, FedsimError, Interrupted, NodeError, Work
 from fedsim.execution.worker import (
     NodeTask,
     NodeWorker,
-    Reduce,
+    PreSum,
     RoundResult,
     WorkerSpec,
     assign_blocks,
@@ -272,17 +272,19 @@ class RayExecutor:
         round_: int,
         tasks: Sequence[NodeTask],
         broadcast: dict | None = None,
-        reduce: Reduce | None = None,
+        presum: PreSum | None = None,
     ) -> RoundResult:
         import ray
 
-        tasks, blocked = round_tasks(self.spec, tasks, reduce)
+        tasks, blocked = round_tasks(self.spec, tasks, presum)
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
         plan = (assign_blocks if blocked else assign_lpt)(tasks, work, self.num_workers)
         params_ref = ray.put(params)
+        # the strategy's broadcast, once through the object store like the model
+        broadcast_ref: Any = ray.put(broadcast) if broadcast is not None else None
         pending = {i: (self.actors[i], part) for i, part in enumerate(plan) if part}
         futures = {
-            i: actor.run.remote(params_ref, round_, part, broadcast, reduce) for i, (actor, part) in pending.items()
+            i: actor.run.remote(params_ref, round_, part, broadcast_ref, presum) for i, (actor, part) in pending.items()
         }
         results: dict[int, RoundResult] = {}
         failures = 0
@@ -305,11 +307,11 @@ class RayExecutor:
                         f"{ids[:8]}): {str(exc).splitlines()[0]}; check the cluster (`ray status`), or raise "
                         "cluster.max_failures"
                     ) from None
-                futures[i] = self.rerun(i, params_ref, round_, pending[i][1], broadcast, reduce)
+                futures[i] = self.rerun(i, params_ref, round_, pending[i][1], broadcast_ref, presum)
         return RoundResult.merge([results[i] for i in sorted(results)])
 
     def rerun(
-        self, i: int, params_ref: Any, round_: int, part: list[NodeTask], broadcast: dict | None, reduce: Reduce | None
+        self, i: int, params_ref: Any, round_: int, part: list[NodeTask], broadcast_ref: Any, presum: PreSum | None
     ) -> Any:
         """Wait for actor ``i`` to come back (Ray restarts it) and run its part again."""
         import ray
@@ -326,7 +328,7 @@ class RayExecutor:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        return actor.run.remote(params_ref, round_, part, broadcast, reduce)
+        return actor.run.remote(params_ref, round_, part, broadcast_ref, presum)
 
     def get(self, ref: Any, round_: int, timeout: float | None = None) -> Any:
         """``ray.get(ref, timeout=timeout)``; with ``stop_requested`` set, it looks every

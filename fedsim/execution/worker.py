@@ -15,7 +15,7 @@ from torch import nn
 
 from fedsim.errors import NodeError
 from fedsim.params import FlatModel
-from fedsim.types import ClientContext, ClientResult, NodeData, NodeState
+from fedsim.types import UPDATE, ClientContext, ClientResult, Layout, NodeData, NodeState, Vector
 from fedsim.uplink import Uplink
 
 
@@ -35,9 +35,11 @@ class WorkerSpec:
     """Train the nodes of a block together (`ClientUpdate.cohort`) when the client supports it."""
     cohort: int = 64
     """Nodes per block when vectorised."""
+    message: tuple[Vector, ...] = UPDATE
+    """The vectors of a node's message (the strategy's `fedsim.contract.Capabilities.message`)."""
 
     @property
-    def block(self) -> int:
+    def block_size(self) -> int:
         """Tasks per block (blocks stay on one worker): the cohort size when vectorised, else `BLOCK`."""
         return self.cohort if self.blocked else BLOCK
 
@@ -55,15 +57,15 @@ class WorkerSpec:
 SHIP_ROWS_UP_TO = 64
 """Steps with at most this many rows ship every row to the server, whatever the strategy."""
 BLOCK = 16
-"""Rows per block when a linear step is summed where the nodes run (`Reduce`)."""
+"""Rows per block when a linear step is summed where the nodes run (`PreSum`)."""
 
 
 @dataclass(frozen=True)
-class Reduce:
+class PreSum:
     """Sum the rows where they are produced instead of shipping them, for a step that depends on
        them only through their weighted mean (a ``linear`` strategy, see `fedsim.contract.Capabilities`).
 
-       The round's tasks, sorted by node id, are cut into blocks of `WorkerSpec.block` consecutive
+       The round's tasks, sorted by node id, are cut into blocks of `WorkerSpec.block_size` consecutive
        tasks (`BLOCK`, or the cohort size when vectorised; see `round_tasks`); each block runs on one worker,
     which returns the block's
        sum of w_i m_i (float32, accumulated in node order) and of w_i, with w_i the node's examples
@@ -78,7 +80,7 @@ class Reduce:
 
 @dataclass(frozen=True)
 class BlockSum:
-    """One block's sum of w_i m_i and of w_i (see `Reduce`)."""
+    """One block's sum of w_i m_i and of w_i (see `PreSum`)."""
 
     block: int
     total: torch.Tensor
@@ -97,7 +99,10 @@ class NodeTask:
     start: torch.Tensor | None = None
     round: int | None = None
     block: int = 0
-    """Its block, when the round is reduced where it runs (`Reduce`)."""
+    """Its block (an index), when the round is cut into blocks (`PreSum`, vectorised cohorts)."""
+    broadcast: dict | None = None
+    """The strategy's broadcast this node gets instead of the call's (the asynchronous server:
+    the broadcast of the model version the node starts from)."""
 
 
 @dataclass
@@ -115,7 +120,7 @@ class RoundResult:
     report: bool = False
     """The rows are small reports (`ClientResult.report`), not model updates."""
     sums: list[BlockSum] | None = None
-    """With `Reduce`: the blocks' sums, in block order; ``messages`` is then empty."""
+    """With `PreSum`: the blocks' sums, in block order; ``messages`` is then empty."""
 
     def row_bytes(self) -> list[int]:
         if self.bytes_up is not None:
@@ -124,7 +129,7 @@ class RoundResult:
         return [d * self.messages.element_size()] * len(self.node_ids)
 
     def weighted_mean(self) -> torch.Tensor:
-        """With `Reduce`: sum over blocks (in block order) of sum w_i m_i, over the sum of w_i."""
+        """With `PreSum`: sum over blocks (in block order) of sum w_i m_i, over the sum of w_i."""
         assert self.sums
         total = self.sums[0].total.clone()
         for part in self.sums[1:]:
@@ -191,6 +196,7 @@ class NodeWorker:
         self.test_index = _index(test_index) if test_index is not None else None
         self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)))
         self.layer_sizes = [int(p.numel()) for p in self.model.module.parameters()]
+        self.layout = Layout(tuple(spec.message), self.model.dim)
 
     def ready(self) -> str:
         """Called once after start; returns this worker's Ray node id (or "local")."""
@@ -209,6 +215,8 @@ class NodeWorker:
 
     def context(self, task: NodeTask, round_: int, broadcast: dict | None) -> ClientContext:
         node_round = round_ if task.round is None else task.round
+        if task.broadcast is not None:
+            broadcast = task.broadcast
         return ClientContext(node_round, task.node_id, self.spec.seed, self.spec.num_classes, broadcast)
 
     def train(
@@ -289,9 +297,9 @@ class NodeWorker:
         round_: int,
         tasks: Sequence[NodeTask],
         broadcast: dict | None = None,
-        reduce: Reduce | None = None,
+        presum: PreSum | None = None,
     ) -> RoundResult:
-        """Run ``tasks`` (sorted by node id); with ``reduce``, return their blocks' sums instead
+        """Run ``tasks`` (sorted by node id); with ``presum``, return their blocks' sums instead
         of their rows (reports are always returned as rows)."""
         import time
 
@@ -306,25 +314,27 @@ class NodeWorker:
         for task, ctx, result in self.train(params, round_, tasks, broadcast):
             old = task.state or {}
             try:
-                message, row_bytes, node_metrics = result.message, result.nbytes, dict(result.metrics)
+                message = self.layout.pack(result.message) if not result.report else result.message
+                assert isinstance(message, torch.Tensor), "a report is one vector"
+                row_bytes, node_metrics = result.nbytes, dict(result.metrics)
                 uplink_state = old.get("uplink")
                 if uplink is not None and not result.report:
                     if message._base is not None:  # a row of a cohort's matrix: an encoder may keep it
                         message = message.clone()
 
                     message, row_bytes, uplink_state, extra = uplink.encode(
-                        message, uplink_state, ctx, self.layer_sizes
+                        message, uplink_state, ctx, self.layer_sizes, self.layout
                     )
                     node_metrics.update(extra)
             except Exception as exc:  # reported with the node id, not swallowed
                 raise NodeError(task.node_id, round_, f"{type(exc).__name__}: {exc}") from exc
 
-            if reduce is not None and not result.report:
+            if presum is not None and not result.report:
                 # summed: a block's rows are added up when the block is complete
                 if pending and pending[-1][0].block != task.block:
                     sums[pending[-1][0].block] = block_sum(pending, round_)
                     pending = []
-                pending.append((task, message, reduce.weight(int(result.num_examples))))
+                pending.append((task, message, presum.weight(int(result.num_examples))))
             else:
                 check_row(task, message, round_)
                 messages.append(message)
@@ -337,10 +347,10 @@ class NodeWorker:
             sums[pending[-1][0].block] = block_sum(pending, round_)
         if len(reports) > 1:
             raise ValueError(f"round {round_} mixes reports and model updates; a strategy sends one kind per round")
-        summed = reduce is not None and reports != {True}
+        summed = presum is not None and reports != {True}
         return RoundResult(
             node_ids=[t.node_id for t in tasks],
-            messages=torch.stack(messages) if messages else torch.zeros(0, self.model.dim),
+            messages=torch.stack(messages) if messages else torch.zeros(0, self.layout.width),
             num_examples=counts,
             metrics=metrics,
             states=states,
@@ -410,11 +420,11 @@ def in_blocks(tasks: Sequence[NodeTask], size: int = BLOCK) -> list[NodeTask]:
     return [replace(t, block=p // size) for p, t in enumerate(ordered)]
 
 
-def round_tasks(spec: WorkerSpec, tasks: Sequence[NodeTask], reduce: Reduce | None) -> tuple[list[NodeTask], bool]:
+def round_tasks(spec: WorkerSpec, tasks: Sequence[NodeTask], presum: PreSum | None) -> tuple[list[NodeTask], bool]:
     """What an executor runs: (the tasks, whether they are in blocks that must stay on one
-    worker): in blocks when the round is summed (`Reduce`) or vectorised, else as given."""
-    blocked = reduce is not None or spec.blocked
-    return (in_blocks(tasks, spec.block) if blocked else list(tasks)), blocked
+    worker): in blocks when the round is summed (`PreSum`) or vectorised, else as given."""
+    blocked = presum is not None or spec.blocked
+    return (in_blocks(tasks, spec.block_size) if blocked else list(tasks)), blocked
 
 
 def assign_blocks(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int) -> list[list[NodeTask]]:

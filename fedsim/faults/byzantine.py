@@ -120,15 +120,15 @@ def inject(
     f = len(byz_ids) if byzantine.is_update_attack else 0
     new_state = state
     if f:
-        rows, new_state = byzantine.attack(
-            batch.messages, f, info=info, rng=torch_rng(info.seed, "attack", info.round), state=state, defence=defence
-        )
-        rows = rows.to(batch.messages.dtype)
-        if rows.shape != (f, batch.messages.shape[1]):
-            raise ConfigError(f"attack returned shape {tuple(rows.shape)}, expected {(f, batch.messages.shape[1])}")
         d = batch.messages.shape[1]
+        lay = batch.layout
+        if lay is None or lay.single:
+            rows, new_state = forge(batch.messages, f, byzantine, info, state, defence)
+        else:
+            rows, new_state = forge_vectors(batch, f, byzantine, info, state, defence)
         ids = torch.tensor(byz_ids, dtype=torch.int64)
-        batch = UpdateBatch(
+        batch = replace(
+            batch,
             node_ids=torch.cat([batch.node_ids, ids]),
             messages=torch.cat([batch.messages, rows]),
             num_examples=torch.cat([batch.num_examples, torch.as_tensor(sizes[byz_ids], dtype=torch.int64)]),
@@ -140,7 +140,8 @@ def inject(
         )
     if byzantine.num:
         perm = torch.from_numpy(np_rng(info.seed, "shuffle", info.round).permutation(len(batch)))
-        batch = UpdateBatch(
+        batch = replace(
+            batch,
             node_ids=batch.node_ids[perm],
             messages=batch.messages.index_select(0, perm),
             num_examples=batch.num_examples[perm],
@@ -149,3 +150,47 @@ def inject(
             metrics={k: v[perm] for k, v in batch.metrics.items()},
         )
     return Injection(batch, f, new_state)
+
+
+def forge(
+    honest: torch.Tensor,
+    f: int,
+    byzantine: Byzantine,
+    info: RoundInfo,
+    state: dict[str, Any],
+    defence: Any,
+    *,
+    vector: str | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The attack's (f, width) rows from the honest rows of one vector (``vector``: its name in a
+    message of several, which keys the attack's stream)."""
+    path = ("attack", info.round) if vector is None else ("attack", info.round, vector)
+    rows, new_state = byzantine.attack(
+        honest, f, info=info, rng=torch_rng(info.seed, *path), state=state, defence=defence
+    )
+    rows = rows.to(honest.dtype)
+    if rows.shape != (f, honest.shape[1]):
+        raise ConfigError(f"attack returned shape {tuple(rows.shape)}, expected {(f, honest.shape[1])}")
+    return rows, new_state
+
+
+def forge_vectors(
+    batch: UpdateBatch, f: int, byzantine: Byzantine, info: RoundInfo, state: dict[str, Any], defence: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Byzantine rows of a message of several vectors: each vector the attack targets
+    (`UpdateAttack.vectors`, all by default) is forged from the honest rows of that vector, with
+    the attack's state for that vector; an untargeted vector carries the honest rows' mean (what
+    an average honest node would send). The defence, if any, is the aggregation of one vector."""
+    assert batch.layout is not None and byzantine.attack is not None
+    targets = byzantine.attack.vectors
+    parts, new_state = [], {}
+    for vector, cols in batch.layout.items():
+        honest = batch.messages[:, cols]
+        if targets is None or vector.name in targets:
+            rows, new_state[vector.name] = forge(
+                honest, f, byzantine, info, state.get(vector.name, {}), defence, vector=vector.name
+            )
+        else:
+            rows = honest.mean(0, keepdim=True).expand(f, -1)
+        parts.append(rows)
+    return torch.cat(parts, dim=1), new_state

@@ -45,7 +45,7 @@ from fedsim.contract import RunFacts, Server, Strategy
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.execution.worker import NodeTask, RoundResult
 from fedsim.seeding import np_rng
-from fedsim.server.pipeline import Pipeline, add_totals, merge_node_states
+from fedsim.server.pipeline import Pipeline, add_totals, broadcast_bytes, merge_node_states
 from fedsim.state import RunState
 from fedsim.types import RoundInfo
 
@@ -82,6 +82,9 @@ class AsyncState:
     next_eval: float | None = None
     idle_steps: int = 0
     started: bool = False
+    broadcasts: dict[int, Any] = field(default_factory=dict)
+    """The strategy's broadcast of each model version kept in ``models`` (strategies that
+    declare one): a node gets the broadcast its start model came with."""
 
     def fork(self) -> AsyncState:
         """A copy to advance, leaving this one (a step boundary's) intact: new containers and job
@@ -100,6 +103,7 @@ class AsyncState:
             self.next_eval,
             self.idle_steps,
             self.started,
+            dict(self.broadcasts),
         )
 
 
@@ -131,7 +135,10 @@ class AsyncServer(Server):
         loop = AsyncState(
             jobs_of_node=np.zeros(self.num_nodes, dtype=np.int64), models={0: params}, next_eval=self.eval_interval
         )
-        return RunState(0, 0, params, strategy.init(params, facts), server_state=loop)
+        strategy_state = strategy.init(params, facts)
+        if strategy.capabilities.broadcast != "none":
+            loop.broadcasts[0] = strategy.broadcast(strategy_state)
+        return RunState(0, 0, params, strategy_state, server_state=loop)
 
     def rows_per_step(self, strategy: Strategy, facts: RunFacts, nodes_per_round: int) -> int:
         caps = strategy.capabilities
@@ -189,7 +196,8 @@ class _Loop:
             a.jobs[job.seq] = job
             heapq.heappush(a.heap, (job.finish, node, job.seq))
             a.busy.add(node)
-            self.state.totals = add_totals(self.state.totals, bytes_down=4 * int(self.state.params.numel()))
+            down = 4 * int(self.state.params.numel()) + broadcast_bytes(a.broadcasts.get(self.state.version))
+            self.state.totals = add_totals(self.state.totals, bytes_down=down)
             # (self.state is this step's fresh copy, see run(); boundary states are never written)
             a.seq += 1
 
@@ -221,7 +229,13 @@ class _Loop:
                 j.trained = True
             if honest:
                 tasks = [
-                    NodeTask(j.node, self.state.node_states.get(j.node), a.models[j.base_version], j.k)
+                    NodeTask(
+                        j.node,
+                        self.state.node_states.get(j.node),
+                        a.models[j.base_version],
+                        j.k,
+                        broadcast=a.broadcasts.get(j.base_version),
+                    )
                     for j in sorted(honest, key=lambda j: (j.node, j.seq))
                 ]
                 result = self.pipe.train(None, self.state.round, tasks, dim=d)
@@ -280,6 +294,8 @@ class _Loop:
         self.state, metrics = stepped
         staleness = (state.version - base).tolist() + [0] * (metrics.get("attack/byzantine_rows", 0) or 0)
         a.models[self.state.version] = self.state.params
+        if self.strategy.capabilities.broadcast != "none":
+            a.broadcasts[self.state.version] = self.strategy.broadcast(self.state.strategy_state)
         self.release()
         metrics.update(
             {
@@ -302,6 +318,7 @@ class _Loop:
         used.add(self.state.version)
         for v in [v for v in a.models if v not in used]:
             del a.models[v]
+            a.broadcasts.pop(v, None)
 
     # ---- the loop -------------------------------------------------------------------------
     def done(self) -> bool:

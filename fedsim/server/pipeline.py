@@ -21,25 +21,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsim.contract import RunFacts, Strategy
+from fedsim.contract import RunFacts, Strategy, is_linear, message_layout
 from fedsim.errors import ConfigError, Diverged
-from fedsim.execution.worker import SHIP_ROWS_UP_TO, NodeTask, Reduce, RoundResult
+from fedsim.execution.worker import SHIP_ROWS_UP_TO, NodeTask, PreSum, RoundResult
 from fedsim.faults.byzantine import Byzantine, inject
 from fedsim.logging import Callback
 from fedsim.state import PersistentMap, RunState
-from fedsim.types import RoundInfo, UpdateBatch
+from fedsim.types import Layout, RoundInfo, UpdateBatch
 from fedsim.uplink import Uplink
 
 Starts = Callable[[UpdateBatch], torch.Tensor]
 """The model each row of a batch started from: (k, d), or (d,) when all started from the same."""
 
 
-def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
+def to_batch(result: RoundResult, *, version: int, layout: Layout | None = None) -> UpdateBatch:
     """The struct-of-arrays view of a round's node results (rows already sorted by node id)."""
     k = len(result.node_ids)
     keys = sorted({key for m in result.metrics for key in m})
@@ -53,6 +54,7 @@ def to_batch(result: RoundResult, *, version: int) -> UpdateBatch:
             key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64) for key in keys
         },
         report=result.report,
+        layout=None if result.report else layout,
     )
 
 
@@ -67,12 +69,12 @@ def weighted_node_metrics(batch: UpdateBatch) -> dict[str, float]:
     return out
 
 
-def broadcast_bytes(extra: dict[str, Any] | None) -> int:
+def broadcast_bytes(broadcast: Mapping[str, Any] | None) -> int:
     """Downlink bytes of a strategy's broadcast: 4 per number (float32), 1 per other entry."""
-    if not extra:
+    if not broadcast:
         return 0
     total = 0
-    for value in extra.values():
+    for value in broadcast.values():
         if value is None:
             continue
         arr = np.asarray(value)
@@ -127,24 +129,42 @@ class Pipeline:
         self.divergence = divergence
         self.on_boundary = on_boundary
         caps = strategy.capabilities
-        self.reduce = (
-            Reduce(weighted=caps.weighted)
+        self.layouts: dict[int, Layout] = {}
+        self.presum = (
+            PreSum(weighted=caps.weighted)
             if facts.server == "sync"
-            and caps.linear
+            and is_linear(strategy)
             and caps.rows == "update"
             and not byzantine.num
             and self.uplink_mode == "none"
             else None
         )
-        """How a large step is summed where the nodes run (`Reduce`), decided from the contract:
-        a linear strategy at the synchronous server, without faulty nodes (attacks need the
-        rows) or an uplink estimate; None: rows are shipped."""
+        """How a large step is summed where the nodes run (`PreSum`), decided from the contract:
+        a linear strategy (`fedsim.contract.is_linear`; every vector of its message is then
+        summed with the same weights) at the synchronous server, without faulty nodes (attacks
+        need the rows) or an uplink estimate; None: rows are shipped."""
         self.skips: list[tuple[int, str]] = []
         """(rows, why) of every step of this process that was skipped for too few rows."""
         self.boundary: RunState | None = None
         """The state after the last complete step (or the starting state): what a checkpoint on
         failure saves. Servers never mutate a state object once a step has produced it."""
         self.start = time.perf_counter()
+
+    def layout(self, dim: int) -> Layout:
+        """The strategy's message layout for a model of ``dim`` parameters."""
+        if dim not in self.layouts:
+            self.layouts[dim] = message_layout(self.strategy, dim)
+        return self.layouts[dim]
+
+    def broadcast(self, strategy_state: dict[str, Any]) -> dict[str, Any] | None:
+        """The strategy's broadcast for the next step, held to its declaration."""
+        out = self.strategy.broadcast(strategy_state)
+        if out is not None and self.strategy.capabilities.broadcast == "none":
+            raise ConfigError(
+                f"{type(self.strategy).__name__}.broadcast returned a value, but its capabilities declare "
+                'broadcast="none"; declare broadcast="scalars" or "vectors"'
+            )
+        return out
 
     # -- 1. collect ---------------------------------------------------------------------------
 
@@ -158,11 +178,12 @@ class Pipeline:
         dim: int,
     ) -> RoundResult:
         """Run the nodes' client updates (and their uplink encoding) on the executor; steps of
-        more than `SHIP_ROWS_UP_TO` rows are summed where they run when `reduce` allows it."""
+        more than `SHIP_ROWS_UP_TO` rows are summed where they run when `reduce` allows it.
+        ``dim``: the model's size."""
         if not tasks:
-            return RoundResult([], torch.zeros(0, dim), [], [], [])
-        if self.reduce is not None and len(tasks) > SHIP_ROWS_UP_TO:
-            return self.executor.run_round(params, round_, tasks, broadcast, self.reduce)
+            return RoundResult([], torch.zeros(0, self.layout(dim).width), [], [], [])
+        if self.presum is not None and len(tasks) > SHIP_ROWS_UP_TO:
+            return self.executor.run_round(params, round_, tasks, broadcast, self.presum)
         return self.executor.run_round(params, round_, tasks, broadcast)
 
     # -- 2-6. one step ------------------------------------------------------------------------
@@ -183,7 +204,7 @@ class Pipeline:
         senders of this step (the attack writes rows for them); ``starts``: the model each row
         started from (needed for the ``current`` and ``model`` row spaces)."""
         strategy, caps = self.strategy, self.strategy.capabilities
-        batch = to_batch(result, version=state.version)
+        batch = to_batch(result, version=state.version, layout=self.layout(int(state.params.shape[-1])))
         if base_version is not None:
             batch.base_version = base_version
         node_metrics = weighted_node_metrics(batch)
@@ -226,9 +247,17 @@ class Pipeline:
             if result.sums is not None:  # summed where the nodes ran: the weighted mean is the one row
                 one = torch.ones(1, dtype=torch.int64)
                 mean = result.weighted_mean().unsqueeze(0)
-                rows = UpdateBatch(batch.node_ids[:1], mean, one, batch.base_version[:1], batch.bytes_up[:1])
+                rows = UpdateBatch(
+                    batch.node_ids[:1],
+                    mean,
+                    one,
+                    batch.base_version[:1],
+                    batch.bytes_up[:1],
+                    layout=batch.layout,
+                    summed=sum(part.weight for part in result.sums),
+                )
             elif self.uplink_mode == "mirror":
-                rows, uplink_state = self.uplink.reduce(batch, uplink_state)
+                rows, uplink_state = self.uplink.fold(batch, uplink_state)
             params, strategy_state, agg = strategy.step(state.params, rows, state.strategy_state, info)
         attacked = bool(self.byzantine.num) and self.byzantine.is_update_attack
         self.check_finite(params, info, attacked=attacked)
@@ -273,26 +302,23 @@ class Pipeline:
         return None
 
     def rows(self, batch: UpdateBatch, params: torch.Tensor, starts: Starts | None) -> UpdateBatch:
-        """The batch in the strategy's row space (`Capabilities.rows`)."""
+        """The batch in the strategy's row space (`Capabilities.rows`), which applies to the
+        message's first vector (its update)."""
         space = self.strategy.capabilities.rows
         if space == "update" or batch.report or len(batch) == 0:
             return batch
         if starts is None:
             raise ValueError(f"rows={space} needs the models the rows started from")
         S = starts(batch)
+        lay = batch.layout
+        update = batch.messages if lay is None or lay.single else batch.messages[:, lay.columns(lay.names[0])]
         if space == "current":
-            messages = batch.messages + (params.unsqueeze(0) - S)  # x_sent - y  ->  x_now - y
+            rows = update + (params.unsqueeze(0) - S)  # x_sent - y  ->  x_now - y
         else:
-            messages = S - batch.messages  # the node's model after its step
-        return UpdateBatch(
-            batch.node_ids,
-            messages,
-            batch.num_examples,
-            batch.base_version,
-            batch.bytes_up,
-            batch.metrics,
-            batch.report,
-        )
+            rows = S - update  # the node's model after its step
+        if lay is not None and not lay.single:
+            rows = torch.cat([rows, batch.messages[:, lay.size(lay.vectors[0]) :]], dim=1)
+        return replace(batch, messages=rows)
 
     @staticmethod
     def cause(attacked: bool) -> str:

@@ -57,14 +57,14 @@ class SyncServer(Server):
             ids = [int(i) for i in ids]
             faulty = [i for i in ids if i in byzantine.ids]
             tasks = [NodeTask(i, state.node_states.get(i)) for i in ids if byzantine.trains(i)]
-            extra = strategy.broadcast(state.strategy_state)
-            result = pipeline.train(state.params, t, tasks, extra, dim=d)
+            broadcast = pipeline.broadcast(state.strategy_state)
+            result = pipeline.train(state.params, t, tasks, broadcast, dim=d)
             train_s = time.perf_counter() - t0
             info = RoundInfo(t, state.version, self.seed, self.num_nodes, tuple(ids), byzantine.declared)
             stepped = pipeline.step(state, result, info, faulty=faulty)
             assert stepped is not None
             state, metrics = stepped
-            down = len(tasks) * (d * state.params.element_size() + broadcast_bytes(extra))
+            down = len(tasks) * (d * state.params.element_size() + broadcast_bytes(broadcast))
             totals = add_totals(state.totals, bytes_down=down)
             state = state.replace(node_states=merge_node_states(state.node_states, result), totals=totals)
             metrics.update(

@@ -174,7 +174,7 @@ def test_a_cohort_of_vrls_nodes_matches_one_at_a_time_in_the_training_phases(for
             model = FlatModel(build_model(MLP, (1, 8, 8), 10, seed=0))
             start = model.vector()
             datas = digits_nodes(sizes, seed=3)
-            ctxs = [ClientContext(round=1, node_id=k, seed=9, num_classes=10, server=server) for k in range(3)]
+            ctxs = [ClientContext(round=1, node_id=k, seed=9, num_classes=10, broadcast=server) for k in range(3)]
             starts = start.expand(3, -1).clone()
             seq = one_at_a_time(update, model, starts, datas, [None] * 3, ctxs)
             vec = update.cohort(model, starts, datas, [None] * 3, ctxs)

@@ -58,7 +58,7 @@ def run_quadratic(feedback, *, steps: int, k: int = 5) -> tuple[float, float]:
         zeros = torch.zeros(n, dtype=torch.int64)
         batch = UpdateBatch(ids, torch.stack(rows), torch.ones(n, dtype=torch.int64), zeros, zeros)
         assert uplink.mode(strategy) == ("mirror" if feedback.estimate else "none")
-        batch, ustate = uplink.reduce(batch, ustate)
+        batch, ustate = uplink.fold(batch, ustate)
         x, state, _ = strategy.step(x, batch, state, info)
         if not torch.isfinite(x).all():
             return start, math.inf
