@@ -118,6 +118,9 @@ class Simulation:
     def vectorize_info(self) -> str:
         """With ``cluster.vectorize=true``: whether the nodes train in cohorts, and if not why."""
         client = self.strategy.client
+        why_model = self.executor.spec.model_not_vectorized
+        if why_model:
+            return f"one node at a time ({why_model})"
         if client.vectorizable:
             return "cohorts"
         why = getattr(client, "not_vectorized", "") or f"{type(client).__name__} has no cohort path"
@@ -125,6 +128,14 @@ class Simulation:
 
     def close(self) -> None:
         self.executor.shutdown()
+
+
+def model_not_vectorized(module: torch.nn.Module) -> str:
+    """Why a model has no vectorised cohort path ("" when it has one): a model declares
+    ``vectorizable = False`` and its reason in ``not_vectorized``."""
+    if getattr(module, "vectorizable", True):
+        return ""
+    return f"{type(module).__name__}: {getattr(module, 'not_vectorized', '') or 'no batched gradient'}"
 
 
 def make_attack(node: DictConfig) -> Any:
@@ -160,7 +171,12 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
             f"needs data: set num_nodes<={len(dataset.y_train)}"
         )
 
-    partition = make(cfg.partition)(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
+    partitioner = make(cfg.partition)
+    if getattr(partitioner, "takes_dataset", False):
+        # a natural partition (fedsim.data.natural): the dataset's own nodes, their kept rows only
+        dataset, partition = partitioner.split(dataset, num_nodes)
+    else:
+        partition = partitioner(dataset.y_train, dataset.y_test, num_nodes, np_rng(seed, "partition"))
     attack = make_attack(cfg.attack)
     byzantine = Byzantine.draw(
         num_nodes=num_nodes,
@@ -211,6 +227,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         threads=1,
         uplink=uplink if uplink.active else None,
         message=tuple(strategy.capabilities.message),
+        model_not_vectorized=model_not_vectorized(flat.module),
     )
     executor = make(cfg.cluster)(spec, data)
     evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)

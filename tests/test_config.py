@@ -17,6 +17,7 @@ from fedsim.seeding import np_rng
 from fedsim.simulation import make, make_attack
 from fedsim.uplink import Uplink
 from tests.conftest import CONF, compose, run_facts
+from tests.data.natural_fixtures import write_leaf, write_npz, write_plays
 from tests.data.test_sources import make_cifar_set, make_idx_set
 
 # experiments (global packages choosing many groups at once) are checked job by job in test_sweep.py
@@ -35,6 +36,12 @@ def data_root(tmp_path_factory):
     make_idx_set(root / "MNIST" / "raw", gz=False)
     make_idx_set(root / "FashionMNIST" / "raw", gz=True)
     make_cifar_set(root)
+    from fedsim.data import shakespeare
+
+    roles = shakespeare.build_roles(shakespeare.read_plays(write_plays(root / "plays")))
+    shakespeare.write_cache(roles, shakespeare.cache_path(str(root)), source="generated plays")
+    write_leaf(root / "femnist")
+    write_npz(root / "mine.npz")
     return root
 
 
@@ -42,6 +49,10 @@ def overrides_for(group: str, option: str, root) -> list[str]:
     ov = [f"{group}={option}"]
     if group == "dataset" and option in ("mnist", "fashion_mnist", "cifar10"):
         ov += [f"dataset.root={root}", "dataset.download=false"]
+    if group == "dataset" and option == "shakespeare":
+        ov += [f"dataset.root={root}"]
+    if group == "dataset" and option in ("femnist", "files"):
+        ov += [f"dataset.path={root / ('femnist' if option == 'femnist' else 'mine.npz')}"]
     if group == "partition" and option.startswith("vrls_"):
         ov += [f"num_nodes={5 if '5clients' in option else 10}", "nodes_per_round=2"]
     if group == "attack" and option != "none":
@@ -60,15 +71,27 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
     node = cfg[group]
     if group == "dataset":
         ds = make(node)
-        assert isinstance(ds, Dataset) and len(ds.y_train) > 0 and len(ds.y_test) > 0
+        # a natural dataset without a test split of its own is split per node by partition=natural
+        assert isinstance(ds, Dataset) and len(ds.y_train) > 0 and (len(ds.y_test) > 0 or ds.has_nodes)
+    elif group == "partition" and getattr(make(node), "takes_dataset", False):
+        from fedsim.data.files import load_files
+
+        natural = make(node)
+        ds = load_files(path=str(data_root / "mine.npz"))
+        out, part = natural.split(ds, len(natural.select(ds)[0]))
+        assert part.num_nodes == 5 and sum(part.sizes()) == len(out.y_train) > 0
     elif group == "partition":
         y = np.repeat(np.arange(10), 50)
         part = make(node)(y, y.copy(), int(cfg.num_nodes), np_rng(0, "partition"))
         assert part.num_nodes == cfg.num_nodes and sum(part.sizes()) > 0
     elif group == "model":
-        shape = {"mlp": (1, 8, 8), "logreg": (1, 8, 8), "cifar_cnn": (3, 32, 32), "resnet18": (3, 32, 32)}.get(
-            option, (1, 28, 28)
-        )
+        shape = {
+            "mlp": (1, 8, 8),
+            "logreg": (1, 8, 8),
+            "cifar_cnn": (3, 32, 32),
+            "resnet18": (3, 32, 32),
+            "lstm": (80,),
+        }.get(option, (1, 28, 28))
         model = build_model(make(node), shape, 10, seed=0)
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
     elif group == "strategy":

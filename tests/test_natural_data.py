@@ -4,7 +4,6 @@ strategy, server, attack and uplink on the LSTM, and bit-identical runs across e
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedsim.simulation
 from fedsim.data import shakespeare as shk
 from fedsim.errors import ConfigError
 from fedsim.simulation import build, set_driver_threads
@@ -23,11 +21,6 @@ from tests.conftest import ROOT, compose
 from tests.data.natural_fixtures import write_leaf, write_npz, write_plays
 
 pytestmark = pytest.mark.integration
-
-ENGINE = "takes_dataset" in inspect.getsource(fedsim.simulation.build)
-needs_engine = pytest.mark.skipif(
-    not ENGINE, reason="fedsim.simulation.build does not yet hand natural partitions the dataset (issue 28 report)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +72,10 @@ def test_missing_cache_and_bad_files_are_one_line(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 2)), y=np.zeros(4, dtype=np.int64))
     args = ["dataset=files", f"dataset.path={tmp_path / 'bad.npz'}", "partition=natural", "cluster=local"]
     one_line(cli(*args, f"hydra.run.dir={tmp_path / 'b'}"), "no array node")
-    needle = "use partition=dirichlet" if ENGINE else "must call Natural.split"
+    needle = "use partition=dirichlet"
     one_line(cli("partition=natural", "cluster=local", f"hydra.run.dir={tmp_path / 'c'}"), needle)
 
 
-@needs_engine
 def test_own_npz_runs_from_the_command_line_with_node_metrics(roots, tmp_path):
     args = ["dataset=files", f"dataset.path={roots / 'mine.npz'}", "partition=natural", "model=logreg", "rounds=5"]
     run = cli(*args, "nodes_per_round=3", "cluster=local", f"hydra.run.dir={tmp_path / 'n'}")
@@ -108,7 +100,17 @@ def test_own_npz_runs_from_the_command_line_with_node_metrics(roots, tmp_path):
     assert last["eval/acc"] > 0.5  # the labels follow the features: logistic regression learns them
 
 
-@needs_engine
+def test_the_lstm_trains_one_node_at_a_time_and_run_start_says_so(roots):
+    sim = build(compose(*shakespeare(roots, "cluster=local", "cluster.vectorize=true")))
+    try:
+        assert sim.info()["vectorize"].startswith("one node at a time (StackedLSTM")
+        assert not sim.executor.spec.blocked
+        state, _ = sim.run()
+        assert torch.isfinite(state.params).all()
+    finally:
+        sim.close()
+
+
 def test_natural_split_reaches_the_run(roots):
     sim = build(compose(*shakespeare(roots, "cluster=local")))
     try:
@@ -132,7 +134,6 @@ def final(*overrides: str) -> tuple[torch.Tensor, dict]:
         sim.close()
 
 
-@needs_engine
 def test_lstm_is_bit_identical_across_executors(roots, ray_cluster):
     local, _ = final(*shakespeare(roots, "cluster=local"))
     two, _ = final(*shakespeare(roots, "cluster=ray", f"cluster.address={ray_cluster.address}", "cluster.num_actors=2"))
@@ -155,7 +156,6 @@ CELLS = {
 }
 
 
-@needs_engine
 @pytest.mark.parametrize("cell", list(CELLS), ids=list(CELLS))
 def test_lstm_runs_with_every_kind_of_strategy_server_attack_and_uplink(roots, cell):
     try:
@@ -166,7 +166,6 @@ def test_lstm_runs_with_every_kind_of_strategy_server_attack_and_uplink(roots, c
     assert torch.isfinite(params).all()
 
 
-@needs_engine
 def test_femnist_layout_runs(roots):
     params, summary = final(
         "dataset=femnist",

@@ -37,6 +37,8 @@ class WorkerSpec:
     """Nodes per block when vectorised."""
     message: tuple[Vector, ...] = UPDATE
     """The vectors of a node's message (the strategy's `fedsim.contract.Capabilities.message`)."""
+    model_not_vectorized: str = ""
+    """Why the model cannot train in cohorts ("" when it can): then nodes train one at a time."""
 
     @property
     def block_size(self) -> int:
@@ -46,7 +48,7 @@ class WorkerSpec:
     @property
     def blocked(self) -> bool:
         """Whether every round is cut into blocks (vectorised cohorts), not only summed ones."""
-        return self.vectorize and bool(self.client_update.vectorizable)
+        return self.vectorize and bool(self.client_update.vectorizable) and not self.model_not_vectorized
 
     @property
     def unlabelled(self) -> bool:
@@ -225,7 +227,7 @@ class NodeWorker:
         """The tasks' client results, in task order: one node after another, or with
         ``spec.vectorize`` the nodes of each block in cohorts (`ClientUpdate.cohort`)."""
         update = self.spec.client_update
-        if self.spec.vectorize and update.vectorizable:
+        if self.spec.blocked:
             yield from self.train_cohorts(params, round_, tasks, broadcast)
             return
         for task in tasks:
