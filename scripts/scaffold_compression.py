@@ -68,7 +68,7 @@ class OneVectorScaffold(FedAvg):
     def step(self, params, batch: UpdateBatch, state, info: RoundInfo):
         new_params, new_state, metrics = super().step(params, batch, state, info)
         K = state["steps"].index_select(0, batch.node_ids).unsqueeze(1)
-        rebuilt = -state["c"] + batch.messages / (K * self.client.lr)
+        rebuilt = -state["c"] + batch.messages / (K.clamp(min=1) * self.client.lr)
         live = (batch.num_examples > 0).unsqueeze(1)
         c = state["c"] + (rebuilt * live).sum(0) / state["N"]
         return new_params, {**new_state, "c": c}, metrics
@@ -108,8 +108,10 @@ def main() -> None:
         "feedback=ef21",
         f"rounds={args.rounds}",
         "eval_every=0",
-        *args.overrides,
     ]
+    groups = {o.split("=", 1)[0] for o in args.overrides if "=" in o}
+    # an uplink given on the command line replaces the default one (with its options)
+    common = [o for o in common if o.split("=", 1)[0].split(".")[0] not in groups] + list(args.overrides)
     methods = {
         "fedavg": ["strategy=fedavg", "strategy.weighted=false"],
         "scaffold, one vector (server rebuilds the control change)": [
