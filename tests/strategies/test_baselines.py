@@ -115,6 +115,38 @@ def test_scaffold_nodes_train_in_cohorts_as_one_at_a_time():
     assert update.vectorizable
 
 
+def test_feddyn_and_fednova_nodes_train_in_cohorts_as_one_at_a_time():
+    from fedsim.models import MLP, build_model
+    from strategies.fednova import FedNovaClient
+    from tests.execution.test_cohort import digits_nodes, one_at_a_time
+
+    model = FlatModel(build_model(MLP, (1, 8, 8), 10, seed=0))
+    g = torch.Generator().manual_seed(1)
+    cases = [
+        (
+            FedDynClient(alpha=0.05, lr=0.1, steps=3, batch_size=8),
+            [None, {"g": 0.01 * torch.randn(model.dim, generator=g)}],
+        ),
+        (FedNovaClient(lr=0.1, steps=3, batch_size=8, momentum=0.9), [None, None]),
+    ]
+    for update, states in cases:
+        assert update.vectorizable
+        datas = digits_nodes([20, 30])
+        ctxs = [ClientContext(round=1, node_id=k, seed=5, num_classes=10) for k in range(2)]
+        starts = model.vector().expand(2, -1)
+        seq = one_at_a_time(update, model, starts, datas, states, ctxs)
+        vec = update.cohort(model, starts, datas, states, ctxs)
+        for a, b in zip(seq, vec):
+            pairs = (
+                [(a.message[n], b.message[n]) for n in a.message]
+                if isinstance(a.message, dict)
+                else [(a.message, b.message)]
+            )
+            pairs += [(a.state[n], b.state[n]) for n in (a.state or {})]
+            for x, y in pairs:
+                assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), type(update).__name__
+
+
 # -- FedNova --------------------------------------------------------------------------------
 
 
