@@ -30,7 +30,17 @@ from fedsim.state import RunState
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
-RESUMABLE = ("rounds", "eval_every", "logger", "checkpoint", "resume", "overwrite", "cluster", "divergence")
+RESUMABLE = (
+    "rounds",
+    "eval_every",
+    "logger",
+    "checkpoint",
+    "resume",
+    "overwrite",
+    "cluster",
+    "divergence",
+    "save_model",
+)
 """Top-level keys a resumed run may change (run length, logging, where it runs)."""
 SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every")
 STRATEGY_RESUMABLE = ("log_weights_every",)
@@ -65,16 +75,42 @@ def save(run_dir: Path, state: RunState, *, logs: dict[str, Any], config: dict[s
     out = folder(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step-{state.round:06d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
     payload = {"state": state, "logs": logs, "config": config, "version": __version__, "written": time.time()}
+    write_atomic(path, payload)
+    for old in sorted(all_checkpoints(run_dir))[:-keep] if keep > 0 else []:
+        old[1].unlink(missing_ok=True)
+    return path
+
+
+def write_atomic(path: Path, payload: Any) -> None:
+    """``torch.save`` to a temporary file, flushed and fsynced, renamed over ``path``, and the
+    folder fsynced: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as fh:
         torch.save(payload, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(out)
-    for old in sorted(all_checkpoints(run_dir))[:-keep] if keep > 0 else []:
-        old[1].unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+MODEL = "model.pt"
+"""The final model of a finished run (``save_model``): see `fedsim.results.load_run`."""
+
+
+def save_model(run_dir: Path, params: torch.Tensor, *, input_shape: tuple[int, ...], num_classes: int) -> Path:
+    """Write the run's final parameters (and what rebuilding the module needs) to ``model.pt``."""
+    from fedsim import __version__
+
+    path = Path(run_dir) / MODEL
+    payload = {
+        "params": params.detach().cpu().clone(),
+        "params_sha256": params_sha256(params),
+        "input_shape": tuple(int(n) for n in input_shape),
+        "num_classes": int(num_classes),
+        "version": __version__,
+    }
+    write_atomic(path, payload)
     return path
 
 

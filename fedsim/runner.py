@@ -249,6 +249,9 @@ def _execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_
         summary = {**summary, "params_sha256": checkpoint.params_sha256(state.params)}
         if saver.every > 0:
             saver.save(state)
+        if cfg.get("save_model", False):
+            ds = sim.data.dataset
+            checkpoint.save_model(output_dir, state.params, input_shape=ds.input_shape, num_classes=ds.num_classes)
         for cb in callbacks:
             cb.on_run_end(summary)
         callbacks = []
