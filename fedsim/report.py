@@ -42,6 +42,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from fedsim.results import read_records
+
 X_KEYS = {"round": "round", "time": "time/simulated", "bytes": "comm/bytes_up_total"}
 STATS = "final, best (the largest), max, min or last:K"
 
@@ -101,14 +103,6 @@ def _sweep_values(folder: Path) -> tuple[dict[str, str], list[str]] | None:
     return None
 
 
-def _records(path: Path) -> list[dict[str, Any]] | None:
-    """The records of a metrics.jsonl; None when a line does not parse (a run being written)."""
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        return None
-
-
 def load(paths: Sequence[Path], left_out: list[str] | None = None) -> tuple[list[Run], list[str]]:
     """The finished runs under ``paths`` and the keys that distinguish them: a sweep's swept keys
     (its ``sweep.json``), else the command-line overrides whose values differ between the runs.
@@ -137,7 +131,7 @@ def load(paths: Sequence[Path], left_out: list[str] | None = None) -> tuple[list
         short = {q: q for q in parents}
     runs: list[Run] = []
     for _, folder in found:
-        records = _records(folder / "metrics.jsonl")
+        records = read_records(folder / "metrics.jsonl")
         last = records[-1] if records else {}
         if last.get("event") != "run_end":
             why = f"stopped: {last.get('reason', '?')}" if last.get("event") == "stopped" else "not finished"

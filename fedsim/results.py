@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedsim.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a model is read, so fedsim.report does not load it
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Run:
     def model(self, member: int = 0) -> nn.Module:
         """The final model as an ``nn.Module`` (eval mode), rebuilt from the run's model config
         and ``model.pt``; for a peer-to-peer run, the model of member row ``member``."""
+        import torch
+
         from fedsim.models import build_model
         from fedsim.params import FlatModel
         from fedsim.simulation import make
@@ -84,6 +87,8 @@ class Run:
         return module.eval()
 
     def _saved(self) -> dict[str, Any]:
+        import torch
+
         from fedsim.checkpoint import MODEL
 
         path = self.path / MODEL
@@ -91,6 +96,14 @@ class Run:
             why = "it has not finished" if not self.finished else "it ran with save_model=false"
             raise ConfigError(f"{self.path} has no {MODEL} ({why}); run it with save_model=true")
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_records(path: Path) -> list[dict[str, Any]] | None:
+    """The records of a metrics.jsonl; None when a line does not parse (a run being written)."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
 
 
 def load_run(path: str | Path) -> Run:
@@ -101,16 +114,13 @@ def load_run(path: str | Path) -> Run:
     log = folder / "metrics.jsonl"
     if not log.exists():
         raise ConfigError(f"{folder} is not a run folder: it has no metrics.jsonl")
+    every = read_records(log)
+    if every is None:
+        raise ConfigError(f"{log} has a line that is not JSON (a run still writing it?)")
     start: dict[str, Any] = {}
     records, warnings = [], []
     summary = stopped = None
-    for n, line in enumerate(log.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{log}: line {n} is not JSON") from None
+    for rec in every:
         event = rec.get("event")
         if event == "run_start":
             start = rec

@@ -72,8 +72,8 @@ class Uplink:
         """(message sent, its bytes, the node's new uplink state, metrics) for the client's row
         g: one stage for a one-vector message, one per vector of a ``layout`` of several."""
         if layout is None or layout.single:
-            rng = torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id)
-            message, nbytes, new = self.feedback.node(g, state or {}, lambda v: self.compressor.compress(v, rng, sizes))
+            compress = self.stage(torch_rng(ctx.seed, "compress", ctx.round, ctx.node_id), sizes, None)
+            message, nbytes, new = self.feedback.node(g, state or {}, compress)
             metrics = {"compress/error_norm": float(new["e"].norm())} if "e" in new else {}
             return message, nbytes, new, metrics
         parts, total, states, errors = [], 0, {}, []
