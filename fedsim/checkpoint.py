@@ -58,6 +58,8 @@ class Checkpoint:
     logs: dict[str, Any]
     config: dict[str, Any]
     path: Path
+    device: str = ""
+    """Where the run that wrote it ran (`fedsim.simulation.Simulation.where`; "" in older ones)."""
 
     @property
     def round(self) -> int:
@@ -68,14 +70,31 @@ def folder(run_dir: Path) -> Path:
     return Path(run_dir) / FOLDER
 
 
-def save(run_dir: Path, state: RunState, *, logs: dict[str, Any], config: dict[str, Any], keep: int = 2) -> Path:
-    """Write the checkpoint of ``state`` atomically; keep the newest ``keep``. Returns its path."""
+def save(
+    run_dir: Path,
+    state: RunState,
+    *,
+    logs: dict[str, Any],
+    config: dict[str, Any],
+    keep: int = 2,
+    device: str = "cpu",
+) -> Path:
+    """Write the checkpoint of ``state`` atomically; keep the newest ``keep``. Returns its path.
+    Tensors are written where they are (a GPU's too) and always read onto the CPU (`latest`), so
+    a checkpoint of a GPU run resumes on a machine without one."""
     from fedsim import __version__
 
     out = folder(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step-{state.round:06d}.pt"
-    payload = {"state": state, "logs": logs, "config": config, "version": __version__, "written": time.time()}
+    payload = {
+        "state": state,
+        "logs": logs,
+        "config": config,
+        "version": __version__,
+        "written": time.time(),
+        "device": device,
+    }
     write_atomic(path, payload)
     for old in sorted(all_checkpoints(run_dir))[:-keep] if keep > 0 else []:
         old[1].unlink(missing_ok=True)
@@ -146,7 +165,9 @@ def latest(run_dir: Path) -> Checkpoint | None:
         raise ConfigError(
             f"cannot read the checkpoint {path}: {type(exc).__name__}: {exc}; delete it to resume from the one before"
         ) from None
-    return Checkpoint(payload["state"], payload.get("logs", {}), payload.get("config", {}), path)
+    return Checkpoint(
+        payload["state"], payload.get("logs", {}), payload.get("config", {}), path, str(payload.get("device", ""))
+    )
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -152,7 +152,8 @@ class RandK(_Sparse):
     def _indices(self, v: torch.Tensor, k: int, rng: torch.Generator | None) -> torch.Tensor:
         if rng is None:
             raise ValueError("rand_k needs a random generator")
-        return torch.randperm(int(v.numel()), generator=rng)[:k]
+        # drawn from the CPU stream (the same entries on any device), moved once
+        return torch.randperm(int(v.numel()), generator=rng, device="cpu")[:k].to(v.device)
 
 
 class Sign(Compressor):
@@ -198,7 +199,7 @@ class QSGD(Compressor):
             return torch.zeros_like(v), nbytes
         scaled = v.abs() / norm * s
         low = torch.floor(scaled)
-        u = torch.rand(d, generator=rng, dtype=v.dtype)
+        u = torch.rand(d, generator=rng, dtype=v.dtype, device="cpu").to(v.device)  # the CPU stream, moved
         xi = low + (u < (scaled - low)).to(v.dtype)
         q = norm * torch.sign(v) * xi / s
         return q / (1.0 + self.omega(d)), nbytes

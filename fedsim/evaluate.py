@@ -1,7 +1,9 @@
 """Evaluation of the global model: on the whole test split and on each node's own test set.
 
 Node test sets are index arrays into the test split, so one pass over the test split gives the
-global metrics and every node's accuracy (by indexing the per-example results).
+global metrics and every node's accuracy (by indexing the per-example results). On a GPU the
+test split is uploaded once and every node's count of correct answers comes from one
+``index_add`` over all nodes, read back in one copy.
 """
 
 from __future__ import annotations
@@ -24,15 +26,24 @@ class Evaluator:
         node_test: Sequence[np.ndarray],
         *,
         batch_size: int = 1024,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model
-        self.x = torch.from_numpy(x_test)
-        self.y = torch.from_numpy(y_test)
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.x = torch.from_numpy(x_test).to(self.device)
+        self.y = torch.from_numpy(y_test).to(self.device)
         self.node_test = [torch.from_numpy(np.asarray(ix, dtype=np.int64)) for ix in node_test]
         self.batch_size = int(batch_size)
+        # every node's test rows, concatenated, and the node each belongs to (nodes with rows only)
+        sizes = [len(ix) for ix in self.node_test]
+        self.node_sizes = torch.tensor([n for n in sizes if n > 0], dtype=torch.int64)
+        self.node_rows = torch.cat([ix for ix in self.node_test if len(ix)] or [torch.zeros(0, dtype=torch.int64)])
+        self.row_node = torch.repeat_interleave(torch.arange(len(self.node_sizes)), self.node_sizes)
+        if self.device.type != "cpu":
+            self.node_rows, self.row_node = self.node_rows.to(self.device), self.row_node.to(self.device)
 
     def per_example(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, correct) of every test example under ``params``."""
+        """(loss, correct) of every test example under ``params`` (on the evaluator's device)."""
         self.model.load(params)
         losses, correct = [], []
         with torch.inference_mode():
@@ -45,10 +56,11 @@ class Evaluator:
 
     def __call__(self, params: torch.Tensor) -> dict[str, object]:
         loss, correct = self.per_example(params)
-        node_acc = [float(correct[ix].float().mean()) for ix in self.node_test if len(ix) > 0]
+        node_acc = self.node_accuracies(correct)
+        acc_loss = torch.stack([correct.float().mean(), loss.mean()]).tolist()  # one read
         out: dict[str, object] = {
-            "eval/acc": float(correct.float().mean()),
-            "eval/loss": float(loss.mean()),
+            "eval/acc": float(acc_loss[0]),
+            "eval/loss": float(acc_loss[1]),
         }
         if node_acc:
             acc = np.array(node_acc)
@@ -61,3 +73,13 @@ class Evaluator:
                 }
             )
         return out
+
+    def node_accuracies(self, correct: torch.Tensor) -> list[float]:
+        """Each node's accuracy on its own test rows (nodes without test rows left out): its
+        count of correct rows over its number of rows, in float32, which is exactly the float32
+        mean of its 0/1 results (the count is exact)."""
+        if not len(self.node_sizes):
+            return []
+        hits = torch.zeros(len(self.node_sizes), dtype=torch.int64, device=correct.device)
+        hits.index_add_(0, self.row_node, correct.index_select(0, self.node_rows).to(torch.int64))
+        return (hits.cpu().to(torch.float32) / self.node_sizes.to(torch.float32)).tolist()

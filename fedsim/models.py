@@ -96,6 +96,45 @@ class ConvNet(nn.Sequential):
         super().__init__(*layers)
 
 
+class PflCNN(nn.Sequential):
+    """The small CNN of pfl-research's CIFAR-10 benchmarks (Granqvist et al. 2024, "pfl-research:
+    simulation framework for accelerating research in private federated learning",
+    arXiv 2404.06430; ``simple_cnn`` in their ``benchmarks/model/pytorch/cnn.py``), written here
+    from its description: conv 3x3 (C -> 32, no padding) - relu - conv 3x3 (32 -> 64) - relu -
+    2x2 max pool - fc (64 x 14 x 14 -> 128) - relu - fc (128 -> classes); 1,626,442 parameters
+    on CIFAR-10. Weights Glorot-uniform (as theirs, to match their TensorFlow model), biases
+    PyTorch's default.
+
+    One difference: theirs has dropout (0.25 after the pool, 0.5 before the classifier); here
+    there is none. A fedsim model is a deterministic function of its parameter vector: dropout
+    would draw from torch's global generator, not from the node's own stream, so a node's update
+    would depend on where and after what it ran, and it has no batching rule for the vectorised
+    cohort path. The layers, parameter count and arithmetic per example are theirs."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        if len(input_shape) != 3:
+            raise ConfigError(
+                f"model=pfl_cnn needs image inputs (C, H, W), the dataset gives {tuple(input_shape)}; use model=mlp"
+            )
+        c, h, w = (int(v) for v in input_shape)
+        if h < 6 or w < 6:
+            raise ConfigError(f"model=pfl_cnn needs images of at least 6x6 pixels, the dataset gives {h}x{w}")
+        super().__init__(
+            nn.Conv2d(c, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * ((h - 4) // 2) * ((w - 4) // 2), 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+
+
 def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2) -> nn.Module:
     """torchvision's ResNet-18 with GroupNorm(``groups``) in place of BatchNorm. For small images
     (<= 64 px) the stem is the usual CIFAR one: 3x3 conv, stride 1, no max-pool."""
@@ -110,7 +149,18 @@ def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2
         model.maxpool = nn.Identity()
     elif in_ch != 3:
         model.conv1 = nn.Conv2d(in_ch, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.avgpool = GlobalMean()
     return model
+
+
+class GlobalMean(nn.Module):
+    """The mean over height and width, (N, C, H, W) -> (N, C, 1, 1): ResNet's global average
+    pool. ``AdaptiveAvgPool2d(1)`` computes the same (bit for bit on the CPU), but its CUDA
+    backward has no deterministic kernel, so torch refuses it under
+    ``use_deterministic_algorithms`` (fedsim's mode on a GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
 
 
 class RandomFourierSVM(nn.Module):

@@ -41,6 +41,26 @@ class FlatModel:
                 p.grad = self.flat_grad[offset : offset + n].view_as(p)
                 offset += n
 
+    def to(self, device: torch.device | str) -> FlatModel:
+        """Move the flat vectors (and so every parameter and gradient) to ``device``; returns self."""
+        device = torch.device(device)
+        if self.flat.device == device:
+            return self
+        self.flat = self.flat.to(device)
+        self.flat_grad = self.flat_grad.to(device)
+        offset = 0
+        with torch.no_grad():
+            for p in self.module.parameters():
+                n = p.numel()
+                p.data = self.flat[offset : offset + n].view_as(p)
+                p.grad = self.flat_grad[offset : offset + n].view_as(p)
+                offset += n
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
     def load(self, vector: torch.Tensor) -> None:
         """Set the model's parameters to ``vector`` (copied, never aliased)."""
         if vector.shape != (self.dim,):

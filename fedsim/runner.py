@@ -55,8 +55,17 @@ class SignalGuard:
 class Saver:
     """Writes checkpoints of step-boundary states with the callbacks' log positions."""
 
-    def __init__(self, run_dir: Path, callbacks: list[Callback], config: dict[str, Any], *, every: int, keep: int):
-        self.run_dir, self.callbacks, self.config = run_dir, callbacks, config
+    def __init__(
+        self,
+        run_dir: Path,
+        callbacks: list[Callback],
+        config: dict[str, Any],
+        *,
+        every: int,
+        keep: int,
+        device: str = "cpu",
+    ):
+        self.run_dir, self.callbacks, self.config, self.device = run_dir, callbacks, config, device
         self.every, self.keep = int(every), int(keep)
         self.last_round: int | None = None
         self.last_path: Path | None = None
@@ -67,7 +76,9 @@ class Saver:
         logs: dict[str, Any] = {}
         for cb in self.callbacks:
             logs.update(cb.position())
-        self.last_path = checkpoint.save(self.run_dir, state, logs=logs, config=self.config, keep=self.keep)
+        self.last_path = checkpoint.save(
+            self.run_dir, state, logs=logs, config=self.config, keep=self.keep, device=self.device
+        )
         self.last_round = state.round
         return self.last_path
 
@@ -192,7 +203,14 @@ def _execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_
                     f"the checkpoint {ckpt.path} is of step {ckpt.round}, past the {sim.total_rounds} steps this "
                     f"config runs; give rounds (and the phase lengths) that reach at least step {ckpt.round}"
                 )
-            sim.state = ckpt.state
+            sim.state = ckpt.state.to(sim.state.params.device)
+            if ckpt.device and ckpt.device != sim.where:
+                print(
+                    f"fedsim: the checkpoint was written with {ckpt.device} and the run goes on with {sim.where}: "
+                    "results agree to float tolerance, not bit for bit, with a run that stays where it was",
+                    file=sys.stderr,
+                    flush=True,
+                )
             print(
                 f"fedsim: resumed from step {ckpt.round} of {sim.total_rounds} ({ckpt.path})",
                 file=sys.stderr,
@@ -214,7 +232,14 @@ def _execute(cfg: DictConfig, *, output_dir: Path, names: dict[str, str], sweep_
             for message in sim.warnings:
                 cb.on_warning(sim.state.round, message)
         ck = cfg.get("checkpoint") or {}
-        saver = Saver(output_dir, callbacks, config, every=int(ck.get("every", 0) or 0), keep=int(ck.get("keep", 2)))
+        saver = Saver(
+            output_dir,
+            callbacks,
+            config,
+            every=int(ck.get("every", 0) or 0),
+            keep=int(ck.get("keep", 2)),
+            device=sim.where,
+        )
         if ckpt is not None:
             saver.last_round, saver.last_path = ckpt.round, ckpt.path
         with guard:

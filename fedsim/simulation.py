@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedsim import compat
+from fedsim import compat, devices
 from fedsim.config import choices, validate
 from fedsim.contract import RunFacts, Server, Strategy, UpdateAttack, message_layout
 from fedsim.data.base import FederatedData
@@ -101,6 +101,9 @@ class Simulation:
         sizes = self.data.partition.sizes()
         return {
             "executor": self.executor.description,
+            **(
+                {"server_device": devices.name_of(self.evaluator.device)} if self.evaluator.device.type != "cpu" else {}
+            ),
             "num_params": self.num_params,
             "partition_digest": self.data.partition.digest(),
             "node_sizes_min": int(sizes.min()),
@@ -122,9 +125,18 @@ class Simulation:
         if why_model:
             return f"one node at a time ({why_model})"
         if client.vectorizable:
-            return "cohorts"
+            return f"cohorts of up to {self.executor.spec.cohort} nodes"
         why = getattr(client, "not_vectorized", "") or f"{type(client).__name__} has no cohort path"
         return f"one node at a time ({why})"
+
+    @property
+    def where(self) -> str:
+        """Where the run computes, as far as bits depend on it: the nodes' device and the
+        server's (GPU model included); a resume elsewhere is said to differ in bits."""
+        nodes = self.executor.spec.device
+        if nodes.startswith("cuda") and torch.cuda.is_available() and self.executor.num_workers == 1:
+            nodes = devices.name_of(torch.device(nodes))
+        return f"nodes on {nodes}, server on {devices.name_of(self.evaluator.device)}"
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -198,7 +210,11 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     train_counts = data.label_counts("train")
     participation = make(cfg.participation).bind(num_nodes=num_nodes, seed=seed, label_counts=train_counts)
     latency = make(cfg.latency).bind(num_nodes=num_nodes, seed=seed, sizes=partition.sizes())
-    server: Server = make(cfg.server)
+    server_device = devices.resolve(cfg.server.get("device", "auto"), key="server.device")
+    server_node = OmegaConf.to_container(cfg.server, resolve=True)
+    assert isinstance(server_node, dict)
+    server_node.pop("device", None)  # where the server works, not an option of its class
+    server: Server = make(OmegaConf.create(server_node))
     facts = RunFacts(
         num_nodes=num_nodes,
         num_classes=dataset.num_classes,
@@ -230,8 +246,10 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         model_not_vectorized=model_not_vectorized(flat.module),
     )
     executor = make(cfg.cluster)(spec, data)
-    evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test)
-    params = flat.vector()
+    if server_device.type == "cuda":
+        devices.deterministic(server_device)
+    evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test, device=server_device)
+    params = flat.vector()  # on the server's device (the evaluator's model is there)
     state = server.initial(params, strategy, facts)
     state.uplink_state = uplink.init(state.params, strategy, facts)
     return Simulation(

@@ -112,6 +112,23 @@ class RunState:
     def replace(self, **changes: Any) -> RunState:
         return dataclasses.replace(self, **changes)
 
+    def to(self, device: torch.device) -> RunState:
+        """This state with the server's tensors (model, strategy, attack, uplink and server-loop
+        state) on ``device``; node states stay where they are (on the CPU: they travel to nodes)."""
+        from fedsim import devices
+
+        server = self.server_state
+        if dataclasses.is_dataclass(server) and not isinstance(server, type):
+            fields = {f.name: devices.to(getattr(server, f.name), device) for f in dataclasses.fields(server) if f.init}
+            server = dataclasses.replace(server, **fields)
+        return self.replace(
+            params=self.params.to(device),
+            strategy_state=devices.to(self.strategy_state, device),
+            attack_state=devices.to(self.attack_state, device),
+            uplink_state=devices.to(self.uplink_state, device),
+            server_state=server,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (tensors, arrays, numbers, dicts) suitable for ``torch.save``."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,7 +206,11 @@ class NodeData:
         return self._x_unlabelled
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels) of the rows ``idx`` (positions in this node's data)."""
+        """(features, labels) of the rows ``idx`` (positions in this node's data). ``idx`` may be
+        on the CPU (it is moved to the data's device; `fedsim.contract` clients that take many
+        minibatches move their whole plan once instead)."""
+        if idx.device != self.y.device:
+            idx = idx.to(self.y.device)
         if self._x is None and self._source is not None:
             full, index = self._source
             return full.index_select(0, index.index_select(0, idx)), self.y.index_select(0, idx)
@@ -214,6 +218,8 @@ class NodeData:
 
     def subset(self, idx: torch.Tensor) -> NodeData:
         """The rows ``idx`` as a node dataset of their own (lazy when this one is)."""
+        if idx.device != self.y.device:
+            idx = idx.to(self.y.device)
         if self._x is None and self._source is not None:
             full, index = self._source
             return NodeData._lazy(
@@ -223,6 +229,21 @@ class NodeData:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @staticmethod
+    def concatenated(datas: Sequence[NodeData]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Several nodes' rows as one sequence, node after node: (features, row map, labels)
+        such that position p holds the features ``features[row_map[p]]`` (lazy rows of one
+        shared array: nothing is copied) or ``features[p]`` (row map None), and label
+        ``labels[p]``. A cohort gathers all its minibatches from it in one index select."""
+        sources = [d._source for d in datas]
+        first = sources[0]
+        if first is not None and all(
+            d._x is None and src is not None and src[0] is first[0] for d, src in zip(datas, sources)
+        ):
+            full = sources[0][0]  # type: ignore[index]
+            return full, torch.cat([src[1] for src in sources]), torch.cat([d.y for d in datas])  # type: ignore[index]
+        return torch.cat([d.x for d in datas]), None, torch.cat([d.y for d in datas])
 
 
 @dataclass

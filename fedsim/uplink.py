@@ -121,7 +121,7 @@ class Uplink:
                 w = np.ones_like(w)
             width = message_layout(strategy, params.numel()).width
             h = torch.zeros_like(params) if width == params.numel() else params.new_zeros(width)
-            return {"h": h, "node_weights": torch.from_numpy(w / w.sum())}
+            return {"h": h, "node_weights": torch.from_numpy(w / w.sum()).to(params.device)}
         if mode == "per_node":
             return {"h": PersistentMap()}
         return {}
@@ -136,7 +136,7 @@ class Uplink:
         lay = batch.layout
         keep = None
         if lay is not None and not lay.single:
-            keep = torch.zeros(lay.width, dtype=torch.bool)
+            keep = torch.zeros(lay.width, dtype=torch.bool, device=batch.messages.device)
             for vector, cols in lay.items():
                 keep[cols] = vector.compress
         changes: dict[int, torch.Tensor] = {}
@@ -158,9 +158,11 @@ class Uplink:
         as the step's single row. Other modes and reports: unchanged."""
         if batch.report or len(batch) == 0 or not isinstance(state.get("h"), torch.Tensor):
             return batch, state
-        w = state["node_weights"].index_select(0, batch.node_ids).to(batch.messages.dtype)
+        weights = state["node_weights"]
+        w = weights.index_select(0, batch.node_ids.to(weights.device))
+        w = w.to(device=batch.messages.device, dtype=batch.messages.dtype)
         h = state["h"] + w @ batch.messages
-        one = torch.ones(1, dtype=torch.int64)
+        one = torch.ones(1, dtype=torch.int64, device=batch.num_examples.device)
         out = UpdateBatch(
             batch.node_ids[:1], h.unsqueeze(0), one, batch.base_version[:1], batch.bytes_up[:1], layout=batch.layout
         )

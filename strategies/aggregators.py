@@ -56,7 +56,7 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
     _check_matrix(U)
     n = U.shape[0]
     finite = finite_rows(U)
-    D = torch.full((n, n), float("inf"), dtype=torch.float64)
+    D = torch.full((n, n), float("inf"), dtype=torch.float64, device=U.device)
     all_finite = bool(finite.all())
     idx = finite.nonzero().flatten()
     if idx.numel() > 0:
@@ -121,10 +121,10 @@ class Mean(Rule):
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
         if U.ndim != 2:
             raise ValueError(f"aggregators take an (n, d) matrix, got shape {tuple(U.shape)}")
-        w = weights.to(dtype=torch.float64)
+        w = weights.to(device=U.device, dtype=torch.float64)
         total = w.sum()
         if U.shape[0] == 0 or total <= 0:
-            return torch.zeros(U.shape[1], dtype=U.dtype)
+            return U.new_zeros(U.shape[1])
         return ((w / total).to(U.dtype) @ U).contiguous()
 
 
@@ -183,8 +183,8 @@ def _krum_scores(U: torch.Tensor, f: int) -> torch.Tensor:
     D = pairwise_sq_distances(U)
     m = n - f - 1
     if m <= 0:
-        return torch.zeros(n, dtype=torch.float64)
-    D = D + torch.diag(torch.full((n,), float("inf"), dtype=torch.float64))  # exclude j = i
+        return torch.zeros(n, dtype=torch.float64, device=U.device)
+    D = D + torch.diag(torch.full((n,), float("inf"), dtype=torch.float64, device=D.device))  # exclude j = i
     return torch.topk(D, m, dim=1, largest=False).values.mean(dim=1)
 
 
@@ -260,7 +260,7 @@ class GeometricMedian(Rule):
         if X.shape[0] == 0:
             raise ValueError("geometric_median: every row is NaN or Inf")
         if self.start == "zero":
-            z = torch.zeros(U.shape[1], dtype=U.dtype)
+            z = U.new_zeros(U.shape[1])
         elif self.start == "mean":
             z = X.mean(dim=0)
         else:
@@ -329,7 +329,7 @@ class CenteredClipping(Rule):
                 v = v + _clipped_mean(U, v, self.tau)
             return v, state
         center = state.get("center")
-        v = torch.zeros(U.shape[1], dtype=U.dtype) if center is None else center.to(U.dtype)
+        v = U.new_zeros(U.shape[1]) if center is None else center.to(device=U.device, dtype=U.dtype)
         for _ in range(self.iters):
             v = v + _clipped_mean(U, v, self.tau)
         return v, {"center": v.clone()}
@@ -359,9 +359,9 @@ class Meamed(Rule):
         n, d = U.shape
         S = _nan_last_sort(U)
         med = S[n // 2].clone() if n % 2 else (S[n // 2 - 1] + S[n // 2]) / 2
-        cols = torch.arange(d)
-        lo = torch.zeros(d, dtype=torch.int64)
-        hi = torch.full((d,), n - 1, dtype=torch.int64)
+        cols = torch.arange(d, device=S.device)
+        lo = torch.zeros(d, dtype=torch.int64, device=S.device)
+        hi = torch.full((d,), n - 1, dtype=torch.int64, device=S.device)
         inf = float("inf")
         for _ in range(self.f):
             left = (med - S[lo, cols]).nan_to_num_(nan=inf)
@@ -371,7 +371,7 @@ class Meamed(Rule):
             lo += (~drop_right).to(torch.int64)
         # rows f .. n-1-f are in every window; of the f rows at either end, those inside it
         total = S[self.f : n - self.f].sum(dim=0)
-        zero = torch.zeros((), dtype=S.dtype)
+        zero = S.new_zeros(())
         for i in range(self.f):
             total += torch.where(lo <= i, S[i], zero)
             total += torch.where(hi >= n - 1 - i, S[n - 1 - i], zero)

@@ -90,7 +90,7 @@ class Buffered(FedAvg):
             raise ConfigError(f"strategy.direction={direction!r} must be sent (x_sent - y) or current (x_now - y)")
         if reduce not in ("mean", "sum"):
             raise ConfigError(f"strategy.reduce={reduce!r} must be mean or sum")
-        staleness_weight(torch.zeros(1), staleness, a, b)  # validates the kind
+        staleness_weight(torch.zeros(1, device="cpu"), staleness, a, b)  # validates the kind
         self.trigger = trigger
         self.buffer = int(buffer)
         self.period = None if period is None else float(period)
@@ -122,13 +122,14 @@ class Buffered(FedAvg):
             d = p
         else:
             d = np.ones(len(sizes))
-        state["importance"] = torch.from_numpy(d)
+        state["importance"] = torch.from_numpy(d).to(params.device)
         return state
 
     def row_weights(self, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo) -> torch.Tensor:
         tau = info.version - batch.base_version
         s = staleness_weight(tau, self.staleness, self.a, self.b)
-        return s * state["importance"].index_select(0, batch.node_ids)
+        importance = state["importance"]  # on the server's device; the batch's columns may be elsewhere
+        return s.to(importance.device) * importance.index_select(0, batch.node_ids.to(importance.device))
 
     def scale(self, weights: torch.Tensor) -> float:
         """sum_i w_i / k (``reduce=mean``) or sum_i w_i (``sum``): the aggregate times this is

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,14 +172,14 @@ class LocalSGD(ClientUpdate):
         b = self.batch_size
         if self.local_steps is None:
             for _ in range(self.epochs):
-                perm = torch.randperm(n, generator=gen)
+                perm = torch.randperm(n, generator=gen, device="cpu")
                 for i in range(0, n, b):
                     yield perm[i : i + b]
             return
         per_pass = math.ceil(n / b)
         done = 0
         while done < self.local_steps:
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen, device="cpu")
             for i in range(min(per_pass, self.local_steps - done)):
                 yield perm[i * b : (i + 1) * b]
             done += min(per_pass, self.local_steps - done)
@@ -208,10 +208,8 @@ class LocalSGD(ClientUpdate):
         flat, grad, module = model.flat, model.flat_grad, model.module
         velocity = torch.zeros_like(flat) if self.momentum > 0 else None
         corr = self.correction(start, state, ctx) or NO_CORRECTION
-        loss_sum = 0.0
-        correct = 0
-        seen = 0
-        for idx in self._batches(n, gen):
+        tally = Tally(flat.device)
+        for idx in on_device(self._batches(n, gen), flat.device):
             xb, yb = data.take(idx)
             grad.zero_()
             logits = module(xb)
@@ -229,11 +227,8 @@ class LocalSGD(ClientUpdate):
                     momentum=self.momentum,
                 )
                 flat.add_(direction, alpha=-self.lr)
-                k = int(yb.shape[0])
-                loss_sum += float(loss) * k
-                correct += int((logits.argmax(1) == yb).sum())
-                seen += k
-        metrics = {"train/loss": loss_sum / seen, "train/acc": correct / seen}
+                tally.add(loss, logits, yb)
+        metrics = tally.metrics()
         message, new_state = self.finish(model, start - flat, start, data, state, ctx)
         return ClientResult(message, new_state, metrics, n)
 
@@ -285,27 +280,30 @@ class LocalSGD(ClientUpdate):
         # model (the synchronous case) runs that model unbatched.
         C = None if class_weights is None else class_weights.shape[1]
         shared = starts.shape[0] > 0 and starts.stride(0) == 0  # one model, expanded
+        dev = starts.device
         for members in groups.values():
             n_k = len(members)
+            chosen = torch.tensor(members, device=dev)
             if shared:
                 S = starts[0].expand(n_k, -1)
             else:
-                S = starts if n_k == K else starts.index_select(0, torch.tensor(members))
+                S = starts if n_k == K else starts.index_select(0, chosen)
             A = (
-                torch.ones(n_k, C or 1)
+                torch.ones(n_k, C or 1, device=dev)
                 if class_weights is None
-                else class_weights.index_select(0, torch.tensor(members))
+                else class_weights.index_select(0, chosen.to(class_weights.device))
             )
             D: torch.Tensor | None = None
-            velocity = torch.zeros(S.shape, dtype=S.dtype) if self.momentum > 0 and not gradient else None
+            velocity = torch.zeros(S.shape, dtype=S.dtype, device=dev) if self.momentum > 0 and not gradient else None
             Vv = fm.views(velocity) if velocity is not None else None
             prox, Lv = self.cohort_correction(fm, S, members, states, ctxs)
             Sv = fm.views(S) if prox else None
-            loss_sum = torch.zeros(n_k, dtype=torch.float64)
-            correct = torch.zeros(n_k, dtype=torch.int64)
-            seen = torch.zeros(n_k, dtype=torch.int64)
+            loss_sum = torch.zeros(n_k, dtype=torch.float64, device=dev)
+            correct = torch.zeros(n_k, dtype=torch.int64, device=dev)
+            seen = torch.zeros(n_k, dtype=torch.int64, device=dev)
+            batches = CohortBatches([datas[k] for k in members], [plans[k] for k in members], dev)
             for s in range(len(plans[members[0]])):
-                X, Y, M = _padded([datas[k].take(plans[k][s]) for k in members])
+                X, Y, M = batches.step(s)
                 P = S if D is None else torch.sub(S, D)
                 Pv = fm.views(P)
                 if D is None and shared:
@@ -322,7 +320,7 @@ class LocalSGD(ClientUpdate):
                         break
                     first = D is None
                     if first:
-                        D = torch.empty(S.shape, dtype=S.dtype)
+                        D = torch.empty(S.shape, dtype=S.dtype, device=S.device)
                     Dv = fm.views(D)
                     for name, g in grads.items():
                         v = sgd_direction(
@@ -340,9 +338,10 @@ class LocalSGD(ClientUpdate):
                         else:
                             Dv[name].add_(v, alpha=self.lr)
             assert D is not None
+            sums, rights, counts_all = loss_sum.tolist(), correct.tolist(), seen.tolist()  # one read per cohort
             for j, k in enumerate(members):
-                n = int(seen[j])
-                metrics = {"train/loss": float(loss_sum[j]) / n, "train/acc": int(correct[j]) / n}
+                n = int(counts_all[j])
+                metrics = {"train/loss": float(sums[j]) / n, "train/acc": int(rights[j]) / n}
                 message: torch.Tensor | Mapping[str, torch.Tensor] = D[j]
                 state = states[k]
                 if ctxs is not None and not gradient:
@@ -359,7 +358,7 @@ class LocalSGD(ClientUpdate):
         zero = torch.zeros_like(start)
         if ctx is None or type(self).finish is LocalSGD.finish:
             return ClientResult(zero, state, {}, 0)
-        nothing = NodeData(zero[:0], torch.zeros(0, dtype=torch.int64))
+        nothing = NodeData(zero[:0], torch.zeros(0, dtype=torch.int64, device=zero.device))
         message, _ = self.finish(model, zero, start, nothing, state, ctx)
         if isinstance(message, Mapping):
             message = {name: torch.zeros_like(v) for name, v in message.items()}
@@ -435,13 +434,99 @@ class LocalSGD(ClientUpdate):
 NO_CORRECTION = Correction()
 
 
+def on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """A node's minibatch indices (drawn on the CPU, from its own stream) on ``device``: on the
+    CPU as they come; elsewhere all of them in one copy, so the steps themselves move nothing."""
+    if device.type == "cpu":
+        return batches
+    plan = list(batches)
+    if not plan:
+        return iter(())
+    return iter(torch.cat(plan).to(device).split([int(b.shape[0]) for b in plan]))
+
+
+class Tally:
+    """A node's training loss and accuracy over its steps (means over examples). On the CPU
+    each step adds Python numbers: float64(loss) * batch size, in step order. On a GPU a step
+    only keeps references to its loss, logits and labels (no kernel, no synchronisation), and
+    `metrics` reduces them once, at the end of the node (the float64 sum in another order:
+    equal to float tolerance)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.host = device.type == "cpu"
+        self.loss, self.correct, self.seen = 0.0, 0, 0
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        k = int(y.shape[0])
+        if self.host:
+            self.loss += float(loss) * k
+            self.correct += int((logits.argmax(1) == y).sum())
+        else:
+            self.steps.append((loss.detach(), logits.detach(), y))
+        self.seen += k
+
+    def metrics(self) -> dict[str, float]:
+        if self.steps:
+            losses = torch.stack([loss for loss, _, _ in self.steps]).to(torch.float64)
+            sizes = torch.tensor([int(y.shape[0]) for _, _, y in self.steps], dtype=torch.float64, device="cpu")
+            logits = torch.cat([lg for _, lg, _ in self.steps])
+            labels = torch.cat([y for _, _, y in self.steps])
+            hits = (logits.argmax(1) == labels).sum()
+            total, right = torch.stack([(losses * sizes.to(losses.device)).sum(), hits.to(torch.float64)]).tolist()
+            self.loss, self.correct, self.steps = total, int(right), []
+        return {"train/loss": float(self.loss) / self.seen, "train/acc": int(self.correct) / self.seen}
+
+
+class CohortBatches:
+    """The padded minibatches of a cohort's steps, gathered from the nodes' rows in one index
+    select per step (`NodeData.concatenated`). Step s gives (K, B_s, ...) inputs, (K, B_s)
+    labels and a (K, B_s) 0/1 mask, B_s the largest of the K batches at that step; padding rows
+    are zeros with label 0 (as `_padded` makes them). The positions of every step are laid out
+    on the CPU and moved to the device in one copy."""
+
+    def __init__(self, datas: Sequence[NodeData], plans: Sequence[Sequence[torch.Tensor]], device: torch.device):
+        self.features, self.row_map, self.labels = NodeData.concatenated(datas)
+        offsets = [0]
+        for d in datas[:-1]:
+            offsets.append(offsets[-1] + len(d))
+        K, steps = len(datas), len(plans[0]) if plans else 0
+        positions, masks, self.widths = [], [], []
+        for s in range(steps):
+            sizes = [int(plan[s].shape[0]) for plan in plans]
+            B = max(sizes)
+            pos = torch.zeros(K, B, dtype=torch.int64, device="cpu")
+            mask = torch.zeros(K, B, dtype=torch.bool, device="cpu")
+            for k, plan in enumerate(plans):
+                pos[k, : sizes[k]] = plan[s] + offsets[k]
+                mask[k, : sizes[k]] = True
+            positions.append(pos.reshape(-1))
+            masks.append(mask.reshape(-1))
+            self.widths.append(B)
+        self.K = K
+        if steps:
+            both = torch.cat([torch.cat(positions), torch.cat(masks).to(torch.int64)]).to(device)
+            total = both.shape[0] // 2
+            self.positions = both[:total].split([K * B for B in self.widths])
+            self.masks = both[total:].bool().split([K * B for B in self.widths])
+
+    def step(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        K, B = self.K, self.widths[s]
+        pos, mask = self.positions[s], self.masks[s]
+        rows = pos if self.row_map is None else self.row_map.index_select(0, pos)
+        X = self.features.index_select(0, rows)
+        X = X.view(K, B, *X.shape[1:]).masked_fill_(~mask.view(K, B, *[1] * (X.dim() - 1)), 0)
+        Y = self.labels.index_select(0, pos).masked_fill_(~mask, 0).view(K, B)
+        return X, Y, mask.view(K, B).to(X.dtype)
+
+
 def _padded(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K minibatches as (K, B, ...) inputs, (K, B) labels and a (K, B) 0/1 mask, B the largest."""
     B = max(int(y.shape[0]) for _, y in batches)
     x0 = batches[0][0]
     X = x0.new_zeros((len(batches), B, *x0.shape[1:]))
-    Y = torch.zeros((len(batches), B), dtype=torch.int64)
-    M = torch.zeros((len(batches), B), dtype=x0.dtype)
+    Y = torch.zeros((len(batches), B), dtype=torch.int64, device=x0.device)
+    M = torch.zeros((len(batches), B), dtype=x0.dtype, device=x0.device)
     for k, (x, y) in enumerate(batches):
         b = int(y.shape[0])
         X[k, :b] = x
@@ -459,7 +544,7 @@ def full_gradient(
     n = len(data)
     out = torch.zeros_like(at)
     for i in range(0, n, 1024):
-        idx = torch.arange(i, min(n, i + 1024))
+        idx = torch.arange(i, min(n, i + 1024), device=at.device)
         xb, yb = data.take(idx)
         model.flat_grad.zero_()
         loss(model.module(xb), yb).backward()
@@ -573,7 +658,7 @@ class WorkerMomentum(LocalSGD):
         X, Y, M = _padded(batches)
         shared = starts.stride(0) == 0 and len(live) == K  # one model for all: stays one row
         P = starts if shared else starts[live]
-        G, (loss, logits) = self._vector_grad(model)(P, X, Y, M, torch.ones(len(live), 1))
+        G, (loss, logits) = self._vector_grad(model)(P, X, Y, M, torch.ones(len(live), 1, device=P.device))
 
         with torch.no_grad():
             if self.weight_decay:

@@ -123,7 +123,7 @@ class FedAU(Strategy):
         if self.weighting in ("fedvarp", "mifa"):
             # each node's last update (nodes never seen count as zero rows), and their sum
             state["stored"] = PersistentMap()
-            state["stored_sum"] = torch.zeros(params.numel(), dtype=torch.float64)
+            state["stored_sum"] = params.new_zeros(params.numel(), dtype=torch.float64)
         return state
 
     def direction(
@@ -133,28 +133,30 @@ class FedAU(Strategy):
         k = U.shape[0]
         if self.weighting in ("fedvarp", "mifa"):
             # O(k d) per round: only the participants' rows change, and the sum follows them
-            stored, total = state["stored"], state["stored_sum"]
-            zero = torch.zeros(U.shape[1], dtype=U.dtype)
-            old = torch.stack([stored.get(int(i), zero) for i in ids]) if k else U
+            # (a map moved between devices may come back as a plain dict: PersistentMap.of re-wraps it)
+            stored, total = PersistentMap.of(state["stored"]), state["stored_sum"]
+            zero = U.new_zeros(U.shape[1])
+            nodes = ids.tolist()  # one read of the ids, wherever they live
+            old = torch.stack([stored.get(i, zero) for i in nodes]) if k else U
             before = (total / N).to(U.dtype)
             if k:
                 total = total + (U - old).to(torch.float64).sum(0)
-                stored = stored.updated({int(i): U[r].clone() for r, i in enumerate(ids)})
+                stored = stored.updated({i: U[r].clone() for r, i in enumerate(nodes)})
             new = {"stored": stored, "stored_sum": total}
             if self.weighting == "fedvarp":
                 return (None if k == 0 else (U - old).mean(0) + before), new
             return (total / N).to(U.dtype), new
 
         if k == 0:
-            return (None if self.weighting == "average_participating" else torch.zeros(U.shape[1], dtype=U.dtype)), {}
+            return (None if self.weighting == "average_participating" else U.new_zeros(U.shape[1])), {}
         if self.weighting == "average_participating":
             return U.mean(0), {}
         if self.weighting == "average_all":
             return U.sum(0) / N, {}
         if self.weighting == "known_prob":
-            p = torch.from_numpy(state["probs"][ids.numpy()]).to(U.dtype)
+            p = torch.from_numpy(state["probs"][ids.cpu().numpy()]).to(device=U.device, dtype=U.dtype)
             return (U / p[:, None]).sum(0) / N, {}
-        w = torch.from_numpy(used[ids.numpy()]).to(U.dtype)
+        w = torch.from_numpy(used[ids.cpu().numpy()]).to(device=U.device, dtype=U.dtype)
         return (w @ U) / N, {}
 
     def step(
@@ -165,11 +167,11 @@ class FedAU(Strategy):
         if len(set(ids.tolist())) != len(ids):
             raise ValueError("FedAU needs at most one message per node and round")
         participated = np.zeros(N, dtype=bool)
-        participated[ids.numpy()] = True
+        participated[ids.cpu().numpy()] = True
         used, c, M, w = estimator_update(
             state["count"], state["intervals"], state["estimate"], participated, self.cutoff
         )
-        U = batch.messages if len(batch) else torch.zeros(0, params.numel(), dtype=params.dtype)
+        U = batch.messages if len(batch) else params.new_zeros((0, params.numel()))
         direction, extra = self.direction(U, ids, used, state, N)
         opt_state = state["server_opt"]
         new_params = params

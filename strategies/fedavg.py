@@ -93,7 +93,7 @@ class FedAvg(Strategy):
         agg_state = state.get("aggregator", {})
 
         def run(U: torch.Tensor) -> torch.Tensor:
-            w = torch.ones(U.shape[0], dtype=torch.float64)
+            w = torch.ones(U.shape[0], dtype=torch.float64, device=U.device)
             return self.aggregate(U, w, agg_state, torch_rng(info.seed, "preagg", info.round))[0]
 
         return run

@@ -51,7 +51,7 @@ class FedNovaClient(LocalSGD):
         ctx: ClientContext,
     ) -> tuple[Mapping[str, torch.Tensor], NodeState | None]:
         a = self.norm_a(len(data))
-        steps = torch.tensor([a], dtype=delta.dtype)
+        steps = torch.tensor([a], dtype=delta.dtype, device=delta.device)
         return {"update": delta / a if a > 0 else delta, "steps": steps}, state
 
 

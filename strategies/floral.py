@@ -236,7 +236,7 @@ class FloralSGD(LocalSGD):
         """The influence proxy of each example (larger = more influential)."""
         if self.influence == "grad_norm":
             p = torch.softmax(logits, dim=1)
-            p[torch.arange(len(y)), y] -= 1.0
+            p[torch.arange(len(y), device=y.device), y] -= 1.0
             return torch.linalg.vector_norm(p, dim=1)
         true = logits.gather(1, y[:, None])[:, 0]
         other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
@@ -247,7 +247,8 @@ class FloralSGD(LocalSGD):
         if k == 0:
             return y
         top = torch.argsort(self.scores(logits, y), descending=True, stable=True)[: 2 * k]
-        chosen = top[torch.randperm(len(top), generator=gen)[:k]]
+        # drawn from the CPU stream (the same flips on any device), moved once
+        chosen = top[torch.randperm(len(top), generator=gen, device="cpu")[:k].to(top.device)]
         out = y.clone()
         if self.flip == "reverse":
             out[chosen] = logits.shape[1] - 1 - y[chosen]

@@ -69,7 +69,7 @@ class MoNNA(Strategy):
         """The node's new model from ``received`` (row 0 is its own vector) and its mixing state."""
         if isinstance(self.aggregator, NNA):
             return self.aggregator.around(received, 0), state
-        w = torch.ones(received.shape[0], dtype=torch.float64)
+        w = torch.ones(received.shape[0], dtype=torch.float64, device=received.device)
         return self.aggregator.aggregate(received, w, state)
 
     def defence(self, state: dict[str, Any], info: RoundInfo) -> Defence:
@@ -88,8 +88,8 @@ class MoNNA(Strategy):
         mix_states = dict(state["mix"])
         members = list(mix_states)
         order = torch.argsort(batch.node_ids)
-        ids, rows = batch.node_ids[order], batch.messages.index_select(0, order)
-        is_member = torch.from_numpy(np.isin(ids.numpy(), members))
+        ids, rows = batch.node_ids[order], batch.messages.index_select(0, order.to(batch.messages.device))
+        is_member = torch.from_numpy(np.isin(ids.cpu().numpy(), members)).to(rows.device)
         models, byzantine = rows[is_member], rows[~is_member]
         h = len(members)
         k = self.others(info.num_nodes, info.declared_f, h)
@@ -97,7 +97,7 @@ class MoNNA(Strategy):
         for r, i in enumerate(members):
             pool = np.delete(np.arange(h), r)
             picks = np.sort(np_rng(info.seed, "gossip", info.round, i).choice(pool, size=k, replace=False))
-            received = torch.cat([models[r : r + 1], models[torch.from_numpy(picks)], byzantine])
+            received = torch.cat([models[r : r + 1], models[torch.from_numpy(picks).to(models.device)], byzantine])
             new[r], mix_states[i] = self.mix(received, mix_states[i])
         metrics = {
             "agg/honest_spread": float(torch.linalg.vector_norm(new - new.mean(dim=0), dim=1).max()),

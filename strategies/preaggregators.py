@@ -26,8 +26,8 @@ from strategies.aggregators import (
 )
 
 
-def _ones(n: int) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.float64)
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float64, device=device)
 
 
 class PreRule:
@@ -95,9 +95,9 @@ class NNM(PreRule):
         # Stable sort per row: ties go to the lower index; the row itself (distance 0) comes first.
         D.fill_diagonal_(-1.0)
         nearest = torch.sort(D, dim=1, stable=True).indices[:, :k]
-        M = torch.zeros(n, n, dtype=torch.float64)
+        M = torch.zeros(n, n, dtype=torch.float64, device=D.device)
         M.scatter_(1, nearest, 1.0 / k)
-        return mix(U, M), _ones(n)
+        return mix(U, M), _ones(n, U.device)
 
 
 class Bucketing(PreRule):
@@ -116,13 +116,15 @@ class Bucketing(PreRule):
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
         _check_matrix(U)
         n = U.shape[0]
-        perm = torch.randperm(n, generator=rng)
+        # the permutation comes from the CPU stream (the same draw on any device); the (b, n)
+        # mixing matrix is filled there and moved once
+        perm = torch.randperm(n, generator=rng, device="cpu")
         b = -(-n // self.s)
-        M = torch.zeros(b, n, dtype=torch.float64)
+        M = torch.zeros(b, n, dtype=torch.float64, device="cpu")
         for i in range(b):
             members = perm[i * self.s : (i + 1) * self.s]
             M[i, members] = 1.0 / members.numel()
-        return mix(U, M), _ones(b)
+        return mix(U, M.to(U.device)), _ones(b, U.device)
 
 
 class Clipping(PreRule):
@@ -136,7 +138,7 @@ class Clipping(PreRule):
 
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, *, rng: torch.Generator | None = None):
         _check_matrix(U)
-        return _clip_rows(U, self.c), _ones(U.shape[0])
+        return _clip_rows(U, self.c), _ones(U.shape[0], U.device)
 
 
 class ARC(PreRule):
@@ -155,14 +157,14 @@ class ARC(PreRule):
         n = U.shape[0]
         k = int(2 * (self.f / n) * (n - self.f))
         if k == 0:
-            return U.clone(), _ones(n)
+            return U.clone(), _ones(n, U.device)
         norms = torch.linalg.vector_norm(U, dim=1).nan_to_num(nan=float("inf"))
         order = torch.sort(norms, stable=True).indices
         threshold = float(norms[order[n - k - 1]]) if n - k - 1 >= 0 else 0.0
         out = U.clone()
         big = order[n - k :]
         out[big] = _clip_rows(U.index_select(0, big), threshold)
-        return out, _ones(n)
+        return out, _ones(n, U.device)
 
 
 PRE_AGGREGATORS: dict[str, type] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping, "arc": ARC}

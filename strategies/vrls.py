@@ -101,10 +101,10 @@ NORMALIZE = ("none", "batch")
 POOL = ("size", "uniform")
 
 
-def _pack(values: np.ndarray, d: int) -> torch.Tensor:
-    """A small report in the first entries of a d-vector message row (the rest zero)."""
-    out = torch.zeros(d, dtype=torch.float32)
-    out[: len(values)] = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(torch.float32)
+def _pack(values: np.ndarray, d: int, device: torch.device) -> torch.Tensor:
+    """A small report in the first entries of a d-vector message row (the rest zero), on ``device``."""
+    out = torch.zeros(d, dtype=torch.float32, device=device)
+    out[: len(values)] = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(device=device, dtype=torch.float32)
     return out
 
 
@@ -179,17 +179,17 @@ class VRLSClient(LocalSGD):
             raise ValueError("the VRLS client needs the node's unlabelled test inputs")
         if self.test_sample is not None and self.test_sample < len(x):
             pick = np.sort(np_rng(ctx.seed, "vrls-test", ctx.node_id).permutation(len(x))[: self.test_sample])
-            x = x.index_select(0, torch.from_numpy(pick))
+            x = x.index_select(0, torch.from_numpy(pick).to(x.device))
         return x
 
     def prior(self, y: torch.Tensor, num_classes: int) -> np.ndarray:
-        return ls.smoothed_prior(np.bincount(y.numpy(), minlength=num_classes), self.prior_floor)
+        return ls.smoothed_prior(np.bincount(y.cpu().numpy(), minlength=num_classes), self.prior_floor)
 
     @staticmethod
     def logits(model: FlatModel, x: torch.Tensor, batch: int = 1024) -> np.ndarray:
         with torch.inference_mode():
             out = [model.module(x[i : i + batch]) for i in range(0, len(x), batch)]
-        return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+        return torch.cat(out).cpu().double().numpy() if out else np.zeros((0, 0))
 
     # -- losses -------------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ class VRLSClient(LocalSGD):
     ) -> ClientResult:
         """FedSGD: the gradient of ``loss_fn`` on one minibatch at the received model."""
         n = len(data)
-        idx = torch.randperm(n, generator=ctx.generator())[: self.batch_size]
+        idx = torch.randperm(n, generator=ctx.generator(), device="cpu")[: self.batch_size]  # NodeData.take moves it
         xb, yb = data.take(idx)
         model.flat_grad.zero_()
         logits = model.module(xb)
@@ -263,10 +263,10 @@ class VRLSClient(LocalSGD):
             if b.get("target") is not None:
                 target, classes = np.asarray(b["target"]), ctxs[0].num_classes
                 r = [ls.class_weights(target, self.prior(d.y, classes), cap=self.ratio_cap) for d in datas]
-                weights = torch.from_numpy(np.stack(r)).to(torch.float32)
+                weights = torch.from_numpy(np.stack(r)).to(device=starts[0].device, dtype=torch.float32)
         if self.form == "fedsgd":
             plans = [
-                [torch.randperm(len(p), generator=c.generator())[: self.batch_size]] if len(p) else []
+                [torch.randperm(len(p), generator=c.generator(), device="cpu")[: self.batch_size]] if len(p) else []
                 for p, c in zip(parts, ctxs)
             ]
         else:
@@ -305,21 +305,23 @@ class VRLSClient(LocalSGD):
             weights = None
             if target is not None:
                 r = ls.class_weights(np.asarray(target), self.prior(data.y, c), cap=self.ratio_cap)
-                weights = torch.from_numpy(r).to(torch.float32)
+                weights = torch.from_numpy(r).to(device=start.device, dtype=torch.float32)
             return self.learn(model, start, data, ctx, self.weighted_loss(weights))
         if phase == "calibrate":
             _, val = self.split(len(data), ctx)
             theta = np.asarray(b["theta"], dtype=np.float64)
             xv, yv = data.take(torch.from_numpy(val))
             z = self.logits(model, xv)
-            y = yv.numpy()
+            y = yv.cpu().numpy()
             nll, grad, hess = ls.calibration_stats(z, y, theta)
             confusion = np.zeros((c, c))
             if len(val):
                 np.add.at(confusion, (z.argmax(1), y), 1.0)
-            counts = np.bincount(data.y.numpy(), minlength=c)
+            counts = np.bincount(data.y.cpu().numpy(), minlength=c)
             report = np.concatenate([counts, confusion.ravel(), [len(val), nll], grad, hess.ravel()])
-            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report), report=True)
+            return ClientResult(
+                _pack(report, d, start.device), None, {}, len(data), nbytes=4 * len(report), report=True
+            )
         if phase == "estimate":
             x = self.test_inputs(data, ctx)
             z = self.logits(model, x)
@@ -334,7 +336,9 @@ class VRLSClient(LocalSGD):
                 probs = ls.softmax(ls.calibrated_logits(z, np.asarray(b["theta"], dtype=np.float64)))
                 q, iters = ls.em_marginal(probs, prior, tol=self.em_tol, max_iter=self.em_max_iter)
             report = np.concatenate([q, [len(x), iters]])
-            return ClientResult(_pack(report, d), None, {}, len(data), nbytes=4 * len(report), report=True)
+            return ClientResult(
+                _pack(report, d, start.device), None, {}, len(data), nbytes=4 * len(report), report=True
+            )
         raise ValueError(f"unknown VRLS phase {phase!r}")
 
 
@@ -482,9 +486,10 @@ class VRLS(FedAvg):
 
     def robust_pool(self, rows: np.ndarray, round_: int = 0, seed: int = 0, *, clip: bool = True) -> np.ndarray:
         """The strategy's rule (pre-aggregators, aggregator; a fresh rule state, the round's
-        pre-aggregation stream) over rows of reports, clipped at 0 unless ``clip=False``."""
+        pre-aggregation stream) over rows of reports, clipped at 0 unless ``clip=False``. Reports
+        are a few numbers per node: they are pooled on the CPU whatever the server's device."""
         U = torch.from_numpy(np.nan_to_num(np.asarray(rows, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0))
-        w = torch.ones(U.shape[0], dtype=torch.float64)
+        w = torch.ones(U.shape[0], dtype=torch.float64, device="cpu")
         out, _ = self.aggregate(U, w, self.aggregator.init(), torch_rng(seed, "preagg", round_))
         values = out.numpy()
         return np.clip(values, 0.0, None) if clip else values
@@ -527,7 +532,7 @@ class VRLS(FedAvg):
                 state = {**state, "pending_report": False}
             return params, state, metrics
         c = state["q_hat"].shape[1]
-        reports = batch.messages.to(torch.float64).numpy()
+        reports = batch.messages.to(torch.float64).cpu().numpy()
         ids = batch.node_ids.tolist()
         if phase == "calibrate":
             return (params, *self.calibrate_step(state, reports, ids, c, metrics, info))

@@ -20,11 +20,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedsim import devices
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError, Interrupted, NodeError, WorkersLost
 from fedsim.execution.worker import (
@@ -36,6 +38,7 @@ from fedsim.execution.worker import (
     assign_blocks,
     assign_lpt,
     round_tasks,
+    task_on,
     vectorized,
 )
 
@@ -215,11 +218,17 @@ class RayExecutor:
         connect_timeout: float = 30.0,
         max_failures: int = 3,
         vectorize: bool = False,
-        cohort: int = 64,
+        cohort: int | None = None,
+        device: str | None = "auto",
+        gpus_per_actor: float = 1.0,
     ) -> None:
         import ray
 
-        spec = vectorized(spec, vectorize, cohort)
+        if not 0 < float(gpus_per_actor) <= 1:
+            raise ConfigError(
+                f"cluster.gpus_per_actor={gpus_per_actor} must be in (0, 1] (an actor trains on one GPU; "
+                "0.25 puts four actors on each GPU)"
+            )
         if num_cpus is not None and num_cpus < 1:
             raise ConfigError(f"cluster.num_cpus={num_cpus} must be >= 1")
         if num_actors is not None and num_actors < 1:
@@ -234,14 +243,37 @@ class RayExecutor:
             connect_timeout=connect_timeout,
         )
         self.actors: list[Any] = []
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        n = num_actors or max(cpus, 1)
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+        try:
+            on_gpu = self.gpu_choice(device, gpus)
+        except ConfigError:
+            self.shutdown()
+            raise
+        share = float(gpus_per_actor)
+        if on_gpu:
+            n = num_actors or max(int(gpus / share + 1e-9), 1)
+            if n * share > gpus + 1e-9:
+                self.shutdown()
+                raise ConfigError(
+                    f"{n} actors x cluster.gpus_per_actor={share:g} need {n * share:g} GPUs but the Ray cluster has "
+                    f"{gpus:g}; lower cluster.num_actors or cluster.gpus_per_actor"
+                )
+            spec = replace(spec, device="cuda", gpu_share=share)
+        else:
+            n = num_actors or max(cpus, 1)
+            spec = replace(spec, device="cpu")
         if n > cpus:
             self.shutdown()
             raise ConfigError(
                 f"cluster.num_actors={n} but the Ray cluster has {cpus} CPUs; "
                 f"set cluster.num_actors<={cpus} or add CPUs (cluster.num_cpus)"
             )
+        try:
+            spec = vectorized(spec, vectorize, cohort)
+        except ConfigError:
+            self.shutdown()
+            raise
         self.spec = spec
         self.client_update = spec.client_update
         self.sizes = [len(ix) for ix in data.partition.train]
@@ -253,18 +285,52 @@ class RayExecutor:
         if spec.unlabelled:
             self.refs["x_test"] = ray.put(ds.x_test)
             self.refs["test_index"] = ray.put(list(data.partition.test))
-        actor_cls: Any = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(RayNodeWorker)
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "cuda" is that actor's GPU and
+        # the pool spreads over every GPU of every machine
+        actor_cls: Any = ray.remote(num_cpus=1, num_gpus=share if on_gpu else 0, max_restarts=-1, max_task_retries=0)(
+            RayNodeWorker
+        )
         self.actors = [actor_cls.remote(spec) for _ in range(n)]
         try:
             self.nodes = ray.get([a.load.remote(self.refs) for a in self.actors], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise FedsimError(
-                f"{n} Ray actors did not start within {READY_TIMEOUT_S:.0f}s; check `ray status` for free CPUs"
+                f"{n} Ray actors did not start within {READY_TIMEOUT_S:.0f}s; check `ray status` for free "
+                + ("GPUs" if on_gpu else "CPUs")
             ) from None
+        except ray.exceptions.RayTaskError as exc:  # an actor refused its data (a GPU share too small)
+            self.shutdown()
+            if isinstance(exc.cause, FedsimError):
+                raise exc.cause from None
+            raise FedsimError(f"a Ray actor failed to start: {type(exc.cause).__name__}: {exc.cause}") from None
         self.num_workers = n
         self.restarts = 0
-        self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s))"
+        where = f", {share:g} GPU each" if on_gpu else ""
+        self.description = f"ray ({n} actors on {len(set(self.nodes))} machine(s){where})"
+
+    @staticmethod
+    def gpu_choice(device: str | None, gpus: float) -> bool:
+        """Whether the actors train on GPUs: ``cluster.device`` against the GPUs Ray sees in the
+        cluster (not on this machine: a driver without a GPU can use GPU workers)."""
+        name = "auto" if device is None else str(device).strip().lower()
+        if name == "auto":
+            return gpus > 0
+        if name == "cpu":
+            return False
+        if name.startswith("cuda:"):
+            raise ConfigError(
+                f"cluster.device={name}: with cluster=ray, Ray gives each actor its GPU; use cluster.device=cuda "
+                "(or cluster=local for one chosen GPU)"
+            )
+        if name != "cuda":
+            raise ConfigError(f"cluster.device={name} is not a device; use auto, cpu or cuda")
+        if gpus <= 0:
+            raise ConfigError(
+                "cluster.device=cuda, but the Ray cluster has no GPUs (ray.cluster_resources() lists none); "
+                "use cluster.device=cpu (or auto), or start Ray on machines with GPUs"
+            )
+        return True
 
     def run_round(
         self,
@@ -277,11 +343,13 @@ class RayExecutor:
         import ray
 
         tasks, blocked = round_tasks(self.spec, tasks, presum)
+        tasks = [task_on(t, devices.CPU) for t in tasks]  # what crosses Ray is on the CPU
         work = [self.client_update.work(self.sizes[t.node_id]) for t in tasks]
         plan = (assign_blocks if blocked else assign_lpt)(tasks, work, self.num_workers)
-        params_ref = ray.put(params)
+        # on the CPU: an actor may be on another device than the server (or have none)
+        params_ref = ray.put(devices.to_cpu(params))
         # the strategy's broadcast, once through the object store like the model
-        broadcast_ref: Any = ray.put(broadcast) if broadcast is not None else None
+        broadcast_ref: Any = ray.put(devices.to_cpu(broadcast)) if broadcast is not None else None
         pending = {i: (self.actors[i], part) for i, part in enumerate(plan) if part}
         futures = {
             i: actor.run.remote(params_ref, round_, part, broadcast_ref, presum) for i, (actor, part) in pending.items()

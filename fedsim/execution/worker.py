@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.errors import NodeError
+from fedsim import devices
+from fedsim.errors import ConfigError, NodeError
 from fedsim.params import FlatModel
 from fedsim.types import UPDATE, ClientContext, ClientResult, Layout, NodeData, NodeState, Vector
 from fedsim.uplink import Uplink
@@ -39,6 +40,10 @@ class WorkerSpec:
     """The vectors of a node's message (the strategy's `fedsim.contract.Capabilities.message`)."""
     model_not_vectorized: str = ""
     """Why the model cannot train in cohorts ("" when it can): then nodes train one at a time."""
+    device: str = "cpu"
+    """Where the worker keeps its data and model and trains (``cluster.device``, resolved)."""
+    gpu_share: float = 1.0
+    """The share of its GPU's memory a worker may take (``cluster.gpus_per_actor``; 1: no cap)."""
 
     @property
     def block_size(self) -> int:
@@ -124,6 +129,15 @@ class RoundResult:
     sums: list[BlockSum] | None = None
     """With `PreSum`: the blocks' sums, in block order; ``messages`` is then empty."""
 
+    def to_cpu(self) -> RoundResult:
+        """This result with its tensors (rows, node states, block sums) on the CPU."""
+        return replace(
+            self,
+            messages=self.messages.cpu(),
+            states=[devices.to_cpu(s) for s in self.states],
+            sums=None if self.sums is None else [replace(b, total=b.total.cpu()) for b in self.sums],
+        )
+
     def row_bytes(self) -> list[int]:
         if self.bytes_up is not None:
             return list(self.bytes_up)
@@ -191,12 +205,24 @@ class NodeWorker:
         test_index: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
-        self.x = _as_tensor(x)
-        self.y = _as_tensor(y)
-        self.index = _index(index)
-        self.x_test = _as_tensor(x_test) if x_test is not None else None
-        self.test_index = _index(test_index) if test_index is not None else None
-        self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)))
+        self.device = devices.resolve(spec.device)
+        if self.device.type == "cuda":
+            devices.deterministic(self.device)
+            devices.cap_memory(self.device, spec.gpu_share)
+        try:  # the data go to the device once; minibatches are index selects there
+            self.x = _as_tensor(x).to(self.device)
+            self.y = _as_tensor(y).to(self.device)
+            self.index = [ix.to(self.device) for ix in _index(index)]
+            self.x_test = _as_tensor(x_test).to(self.device) if x_test is not None else None
+            self.test_index = [ix.to(self.device) for ix in _index(test_index)] if test_index is not None else None
+        except torch.cuda.OutOfMemoryError:
+            need = (x.nbytes + y.nbytes + (x_test.nbytes if x_test is not None else 0)) / 2**30
+            raise ConfigError(
+                f"the training data ({need:.2f} GiB) do not fit in this worker's share of {devices.name_of(self.device)} "
+                f"(cluster.gpus_per_actor={spec.gpu_share:g}); raise cluster.gpus_per_actor (fewer actors per GPU), "
+                "or use cluster.device=cpu"
+            ) from None
+        self.model = FlatModel(spec.model_factory(tuple(spec.input_shape), int(spec.num_classes))).to(self.device)
         self.layer_sizes = [int(p.numel()) for p in self.model.module.parameters()]
         self.layout = Layout(tuple(spec.message), self.model.dim)
 
@@ -300,12 +326,40 @@ class NodeWorker:
         tasks: Sequence[NodeTask],
         broadcast: dict | None = None,
         presum: PreSum | None = None,
+        *,
+        to_cpu: bool = True,
     ) -> RoundResult:
         """Run ``tasks`` (sorted by node id); with ``presum``, return their blocks' sums instead
-        of their rows (reports are always returned as rows)."""
+        of their rows (reports are always returned as rows). Inputs may be on any device; the
+        result is on the CPU (``to_cpu``, what crosses processes), or where it was computed."""
+        torch.set_num_threads(self.spec.threads)
+        if self.device.type != "cpu":  # what crosses processes is on the CPU; the work is here
+            params, broadcast = devices.to(params, self.device), devices.to(broadcast, self.device)
+            tasks = [task_on(t, self.device) for t in tasks]
+        try:
+            out = self.run_here(params, round_, tasks, broadcast, presum)
+        except torch.cuda.OutOfMemoryError:
+            share = f"{self.spec.gpu_share:g} of " if self.spec.gpu_share < 1 else ""
+            raise NodeError(
+                tasks[0].node_id if tasks else -1,
+                round_,
+                f"out of GPU memory ({share}{devices.name_of(self.device)}) while training nodes "
+                f"{[t.node_id for t in tasks[:8]]}: lower cluster.cohort or the batch size, or give each actor more "
+                "of the GPU (cluster.gpus_per_actor)",
+            ) from None
+        return out if self.device.type == "cpu" or not to_cpu else out.to_cpu()
+
+    def run_here(
+        self,
+        params: torch.Tensor | None,
+        round_: int,
+        tasks: Sequence[NodeTask],
+        broadcast: dict | None,
+        presum: PreSum | None,
+    ) -> RoundResult:
+        """`run` with every input on this worker's device."""
         import time
 
-        torch.set_num_threads(self.spec.threads)
         uplink = self.spec.uplink if self.spec.uplink is not None and self.spec.uplink.active else None
         messages, counts, metrics, states, nbytes = [], [], [], [], []
         sums: dict[int, list[Any]] = {}
@@ -352,7 +406,7 @@ class NodeWorker:
         summed = presum is not None and reports != {True}
         return RoundResult(
             node_ids=[t.node_id for t in tasks],
-            messages=torch.stack(messages) if messages else torch.zeros(0, self.layout.width),
+            messages=torch.stack(messages) if messages else torch.zeros(0, self.layout.width, device=self.device),
             num_examples=counts,
             metrics=metrics,
             states=states,
@@ -361,6 +415,18 @@ class NodeWorker:
             report=reports == {True},
             sums=[BlockSum(b, total, w) for b, (total, w) in sorted(sums.items())] if summed else None,
         )
+
+
+def task_on(task: NodeTask, device: torch.device) -> NodeTask:
+    """The task with its start model, state and broadcast on ``device``."""
+    if task.start is None and task.state is None and task.broadcast is None:
+        return task
+    return replace(
+        task,
+        start=devices.to(task.start, device),
+        state=devices.to(task.state, device),
+        broadcast=devices.to(task.broadcast, device),
+    )
 
 
 def check_row(task: NodeTask, message: torch.Tensor, round_: int) -> None:
@@ -391,7 +457,7 @@ def block_sum(pending: Sequence[tuple[NodeTask, torch.Tensor, float]], round_: i
                 j += 1
         if j - i > 1:
             rows = m.as_strided((j - i, d), (d, 1))
-            part = torch.tensor([w for _, _, w in pending[i:j]], dtype=m.dtype) @ rows
+            part = torch.tensor([w for _, _, w in pending[i:j]], dtype=m.dtype, device=m.device) @ rows
             total = part if total is None else total.add_(part)
         elif total is None:
             total = m.mul(pending[i][2])  # w * m, as 0 + w * m would be
@@ -460,10 +526,33 @@ def assign_lpt(tasks: Sequence[NodeTask], work: Sequence[int], num_workers: int)
     return [sorted(p, key=lambda t: t.node_id) for p in plan]
 
 
-def vectorized(spec: WorkerSpec, vectorize: bool, cohort: int) -> WorkerSpec:
-    """``spec`` with the executor's ``cluster.vectorize`` and ``cluster.cohort`` settings."""
-    from fedsim.errors import ConfigError
+CPU_COHORT = 64
+"""Nodes per vectorised block on the CPU (``cluster.cohort=null``)."""
+GPU_COHORT_MAX = 256
+"""The most nodes per vectorised block on a GPU (``cluster.cohort=null``)."""
 
+
+def vectorized(spec: WorkerSpec, vectorize: bool, cohort: int | None) -> WorkerSpec:
+    """``spec`` with the executor's ``cluster.vectorize`` and ``cluster.cohort`` settings
+    (``spec.device`` already set). ``cohort=null`` chooses it for the device: `CPU_COHORT` on
+    the CPU; on a GPU as many nodes as keep the cohort's (K, d) parameter, gradient and update
+    matrices (about 6 K d floats with momentum) within a quarter of the worker's share of the
+    GPU's memory, between 1 and `GPU_COHORT_MAX`."""
+    if cohort is None:
+        cohort = CPU_COHORT
+        if spec.device.startswith("cuda") and vectorize:
+            cohort = gpu_cohort(spec)
     if cohort < 1:
         raise ConfigError(f"cluster.cohort={cohort} must be >= 1")
     return replace(spec, vectorize=bool(vectorize), cohort=int(cohort))
+
+
+def gpu_cohort(spec: WorkerSpec) -> int:
+    """`vectorized`'s cohort for ``spec`` on its GPU."""
+    d = sum(p.numel() for p in spec.model_factory(tuple(spec.input_shape), int(spec.num_classes)).parameters())
+    try:
+        total = torch.cuda.get_device_properties(devices.resolve(spec.device)).total_memory
+    except (RuntimeError, ConfigError):  # a driver without the GPU (Ray workers elsewhere): assume 16 GiB
+        total = 16 * 2**30
+    budget = total * spec.gpu_share / 4
+    return int(max(1, min(GPU_COHORT_MAX, budget // (6 * 4 * max(d, 1)))))

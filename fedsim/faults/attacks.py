@@ -39,7 +39,7 @@ def honest_stats(honest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     standard deviation is 0 with fewer than two rows, and both are 0 with none."""
     h, d = honest.shape
     if h == 0:
-        z = torch.zeros(d, dtype=honest.dtype)
+        z = honest.new_zeros(d)
         return z, z.clone()
     mean = honest.mean(dim=0)
     std = honest.std(dim=0, correction=1) if h > 1 else torch.zeros_like(mean)
@@ -70,7 +70,7 @@ class Attack(UpdateAttack):
         state = {} if state is None else state
         if f == 0:
             return honest.new_zeros((0, honest.shape[1])), state
-        return _rows(self.vector(honest, f, rng if rng is not None else torch.Generator()), f), state
+        return _rows(self.vector(honest, f, rng if rng is not None else torch.Generator(device="cpu")), f), state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
@@ -136,7 +136,8 @@ class Gaussian(Attack):
 
     def __call__(self, honest, f, *, info=None, rng=None, state=None, defence=None):
         state = {} if state is None else state
-        noise = torch.randn((f, honest.shape[1]), generator=rng, dtype=honest.dtype)
+        # drawn from the CPU stream (the same rows on any device), then moved to the rows' device
+        noise = torch.randn((f, honest.shape[1]), generator=rng, dtype=honest.dtype, device="cpu").to(honest.device)
         return self.mu + self.sigma * noise, state
 
 
@@ -144,14 +145,14 @@ class Infinite(Attack):
     """Every coordinate +inf (ByzFL ``Inf``): tests that defences survive non-finite input."""
 
     def vector(self, honest, f, rng):
-        return torch.full((honest.shape[1],), float("inf"), dtype=honest.dtype)
+        return honest.new_full((honest.shape[1],), float("inf"))
 
 
 class NotANumber(Attack):
     """Every coordinate NaN."""
 
     def vector(self, honest, f, rng):
-        return torch.full((honest.shape[1],), float("nan"), dtype=honest.dtype)
+        return honest.new_full((honest.shape[1],), float("nan"))
 
 
 class Mimic(Attack):
@@ -183,9 +184,11 @@ class Mimic(Attack):
         mu = state.get("mu")
         z = state.get("z")
         if mu is None:
-            mu = torch.zeros(honest.shape[1], dtype=honest.dtype)
-            z = torch.randn(honest.shape[1], generator=rng, dtype=honest.dtype)
+            mu = honest.new_zeros(honest.shape[1])
+            z = torch.randn(honest.shape[1], generator=rng, dtype=honest.dtype, device="cpu").to(honest.device)
             z = z / z.norm()
+        else:  # a state restored from a checkpoint is on the CPU
+            mu, z = mu.to(honest.device), z.to(honest.device)
         if t < self.warmup:
             mu = (t + 1) / (t + 2) * mu + honest.mean(dim=0) / (t + 2)
             centred = honest - mu

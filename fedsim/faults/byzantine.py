@@ -126,28 +126,40 @@ def inject(
             rows, new_state = forge(batch.messages, f, byzantine, info, state, defence)
         else:
             rows, new_state = forge_vectors(batch, f, byzantine, info, state, defence)
-        ids = torch.tensor(byz_ids, dtype=torch.int64)
+        # every column of the batch gets its new entries on its own device
+        ids = torch.tensor(byz_ids, dtype=torch.int64, device=batch.node_ids.device)
+        examples = torch.as_tensor(sizes[byz_ids], dtype=torch.int64, device=batch.num_examples.device)
         batch = replace(
             batch,
             node_ids=torch.cat([batch.node_ids, ids]),
-            messages=torch.cat([batch.messages, rows]),
-            num_examples=torch.cat([batch.num_examples, torch.as_tensor(sizes[byz_ids], dtype=torch.int64)]),
-            base_version=torch.cat([batch.base_version, torch.full((f,), info.version, dtype=torch.int64)]),
-            bytes_up=torch.cat([batch.bytes_up, torch.full((f,), d * rows.element_size(), dtype=torch.int64)]),
-            metrics={
-                k: torch.cat([v, torch.full((f,), float("nan"), dtype=v.dtype)]) for k, v in batch.metrics.items()
-            },
+            messages=torch.cat([batch.messages, rows.to(batch.messages.device)]),
+            num_examples=torch.cat([batch.num_examples, examples]),
+            base_version=torch.cat(
+                [batch.base_version, batch.base_version.new_full((f,), info.version, dtype=torch.int64)]
+            ),
+            bytes_up=torch.cat(
+                [batch.bytes_up, batch.bytes_up.new_full((f,), d * rows.element_size(), dtype=torch.int64)]
+            ),
+            metrics={k: torch.cat([v, v.new_full((f,), float("nan"))]) for k, v in batch.metrics.items()},
         )
     if byzantine.num:
+        # the permutation comes from the CPU stream; it is moved once to each device that needs it
         perm = torch.from_numpy(np_rng(info.seed, "shuffle", info.round).permutation(len(batch)))
+        on: dict[torch.device, torch.Tensor] = {}
+
+        def at(t: torch.Tensor) -> torch.Tensor:
+            if t.device not in on:
+                on[t.device] = perm.to(t.device)
+            return on[t.device]
+
         batch = replace(
             batch,
-            node_ids=batch.node_ids[perm],
-            messages=batch.messages.index_select(0, perm),
-            num_examples=batch.num_examples[perm],
-            base_version=batch.base_version[perm],
-            bytes_up=batch.bytes_up[perm],
-            metrics={k: v[perm] for k, v in batch.metrics.items()},
+            node_ids=batch.node_ids[at(batch.node_ids)],
+            messages=batch.messages.index_select(0, at(batch.messages)),
+            num_examples=batch.num_examples[at(batch.num_examples)],
+            base_version=batch.base_version[at(batch.base_version)],
+            bytes_up=batch.bytes_up[at(batch.bytes_up)],
+            metrics={k: v[at(v)] for k, v in batch.metrics.items()},
         )
     return Injection(batch, f, new_state)
 

@@ -265,7 +265,7 @@ class _Loop:
         messages = (
             torch.stack([j.message for j in honest if j.message is not None])
             if honest
-            else torch.zeros(0, d, dtype=state.params.dtype)
+            else torch.zeros(0, d, dtype=state.params.dtype, device=state.params.device)
         )
         result = RoundResult(
             [j.node for j in honest],
@@ -275,7 +275,7 @@ class _Loop:
             [None] * len(honest),
             bytes_up=[j.nbytes for j in honest],
         )
-        base = torch.tensor([j.base_version for j in honest], dtype=torch.int64)
+        base = torch.tensor([j.base_version for j in honest], dtype=torch.int64, device=state.params.device)
         info = RoundInfo(
             state.round, state.version, self.s.seed, self.N, tuple(j.node for j in arrived), self.byzantine.declared
         )

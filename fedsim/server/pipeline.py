@@ -40,18 +40,24 @@ Starts = Callable[[UpdateBatch], torch.Tensor]
 """The model each row of a batch started from: (k, d), or (d,) when all started from the same."""
 
 
-def to_batch(result: RoundResult, *, version: int, layout: Layout | None = None) -> UpdateBatch:
-    """The struct-of-arrays view of a round's node results (rows already sorted by node id)."""
+def to_batch(
+    result: RoundResult, *, version: int, layout: Layout | None = None, device: torch.device | None = None
+) -> UpdateBatch:
+    """The struct-of-arrays view of a round's node results (rows already sorted by node id), on
+    ``device`` (the server's; default: where the rows are). The per-node metrics stay on the CPU
+    (they are only logged)."""
     k = len(result.node_ids)
     keys = sorted({key for m in result.metrics for key in m})
+    dev = result.messages.device if device is None else device
     return UpdateBatch(
-        node_ids=torch.tensor(result.node_ids, dtype=torch.int64),
-        messages=result.messages,
-        num_examples=torch.tensor(result.num_examples, dtype=torch.int64),
-        base_version=torch.full((k,), version, dtype=torch.int64),
-        bytes_up=torch.tensor(result.row_bytes(), dtype=torch.int64).reshape(k),
+        node_ids=torch.tensor(result.node_ids, dtype=torch.int64, device=dev),
+        messages=result.messages.to(dev),
+        num_examples=torch.tensor(result.num_examples, dtype=torch.int64, device=dev),
+        base_version=torch.full((k,), version, dtype=torch.int64, device=dev),
+        bytes_up=torch.tensor(result.row_bytes(), dtype=torch.int64, device=dev).reshape(k),
         metrics={
-            key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64) for key in keys
+            key: torch.tensor([m.get(key, float("nan")) for m in result.metrics], dtype=torch.float64, device="cpu")
+            for key in keys
         },
         report=result.report,
         layout=None if result.report else layout,
@@ -60,7 +66,7 @@ def to_batch(result: RoundResult, *, version: int, layout: Layout | None = None)
 
 def weighted_node_metrics(batch: UpdateBatch) -> dict[str, float]:
     """Every per-node metric (train/loss, train/acc, ...) as its example-weighted mean."""
-    w = batch.num_examples.to(torch.float64)
+    w = batch.num_examples.to("cpu", torch.float64)  # the metrics are on the CPU
     out = {}
     for key, values in batch.metrics.items():
         ok = torch.isfinite(values) & (w > 0)
@@ -181,7 +187,7 @@ class Pipeline:
         more than `SHIP_ROWS_UP_TO` rows are summed where they run when `reduce` allows it.
         ``dim``: the model's size."""
         if not tasks:
-            return RoundResult([], torch.zeros(0, self.layout(dim).width), [], [], [])
+            return RoundResult([], torch.zeros(0, self.layout(dim).width, device="cpu"), [], [], [])  # as results are
         if self.presum is not None and len(tasks) > SHIP_ROWS_UP_TO:
             return self.executor.run_round(params, round_, tasks, broadcast, self.presum)
         return self.executor.run_round(params, round_, tasks, broadcast)
@@ -204,9 +210,10 @@ class Pipeline:
         senders of this step (the attack writes rows for them); ``starts``: the model each row
         started from (needed for the ``current`` and ``model`` row spaces)."""
         strategy, caps = self.strategy, self.strategy.capabilities
-        batch = to_batch(result, version=state.version, layout=self.layout(int(state.params.shape[-1])))
+        dev = state.params.device
+        batch = to_batch(result, version=state.version, layout=self.layout(int(state.params.shape[-1])), device=dev)
         if base_version is not None:
-            batch.base_version = base_version
+            batch.base_version = base_version.to(dev)
         node_metrics = weighted_node_metrics(batch)
         uplink_state = state.uplink_state
         if self.uplink_mode == "per_node":
@@ -245,8 +252,8 @@ class Pipeline:
         else:
             rows = batch
             if result.sums is not None:  # summed where the nodes ran: the weighted mean is the one row
-                one = torch.ones(1, dtype=torch.int64)
-                mean = result.weighted_mean().unsqueeze(0)
+                one = torch.ones(1, dtype=torch.int64, device=dev)
+                mean = result.weighted_mean().to(dev).unsqueeze(0)
                 rows = UpdateBatch(
                     batch.node_ids[:1],
                     mean,

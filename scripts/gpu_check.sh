@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# fedsim on an NVIDIA GPU, in one go (issue "GPU execution"), within 8 minutes:
+#
+#   scripts/gpu_check.sh WHEELS_DIR          # on the GPU machine
+#   scripts/gpu_check.sh WHEELS_DIR --cpu    # dry run of the same parts on the CPU, tiny sizes
+#
+# For a machine without network with Python >= 3.10, PyTorch and numpy (and PyYAML, scikit-learn,
+# pandas, filelock, matplotlib, pytest) installed. What else fedsim imports is installed from the
+# wheels in WHEELS_DIR (hydra-core, omegaconf, antlr4-python3-runtime, tqdm; torchvision, for
+# model=resnet18, only when torch has none) into $GPU_CHECK_SITE (default /tmp/site); the
+# repository is used from this checkout (PYTHONPATH), not installed. Ray and W&B are not needed:
+# every run is cluster=local, logger=jsonl.
+#
+# Without a GPU (torch.cuda.is_available() is False) it prints one line and exits 0. With one,
+# it runs these parts, each with its own time limit, one failing not stopping the others:
+#   pytest         python -m pytest -m gpu -q
+#   w3, w3_vectorized, w4
+#                  scripts/bench.py's W3 (also with cluster.vectorize=true) and W4 at full size
+#                  on cuda, few rounds: ratios to a bare PyTorch loop on the GPU
+#   determinism    two identical short runs on cuda (one node at a time, and vectorised):
+#                  equal params_sha256
+#   cpu_vs_gpu     the same short run on cpu and on cuda: final eval/acc and eval/loss, and the
+#                  largest parameter difference of the saved models, within tolerances
+#   aggregators    scripts/bench_aggregators.py at n = 100, d = 11.2M on cuda
+# and prints one JSON summary on its last line (also written to $OUT/gpu_check.json when OUT is
+# set). Exit status: 0 when every part passed, 1 otherwise (the W3/W4 targets are reported as
+# meets_target, not part of passing). PYTHON (default python3) chooses the interpreter.
+set -u
+
+usage() {
+  echo "usage: scripts/gpu_check.sh WHEELS_DIR [--cpu]" >&2
+  exit 2
+}
+[[ $# -ge 1 && $# -le 2 ]] || usage
+[[ -d "$1" ]] || { echo "gpu_check: $1 is not a folder of wheels" >&2; exit 2; }
+WHEELS=$(cd "$1" && pwd)
+MODE=gpu
+if [[ $# -eq 2 ]]; then
+  [[ "$2" == "--cpu" ]] || usage
+  MODE=cpu
+fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+SITE=${GPU_CHECK_SITE:-/tmp/site}
+
+if [[ $MODE == gpu ]]; then
+  if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_check: no GPU here (torch.cuda.is_available() is False, or torch does not import); nothing checked"
+    exit 0
+  fi
+fi
+
+# What fedsim needs besides the preinstalled packages: from the wheels, into $SITE.
+install() {  # wheels...: with pip, or where there is no pip by unpacking them (what installing a wheel is)
+  if "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$@"
+    return
+  fi
+  local whl
+  for whl in "$@"; do "$PY" -m zipfile -e "$whl" "$SITE" || return 1; done
+}
+mkdir -p "$SITE"
+shopt -s nullglob
+pure=()
+vision=()
+for whl in "$WHEELS"/*.whl; do
+  case "$(basename "$whl")" in
+    torchvision-*) vision+=("$whl") ;;
+    *) pure+=("$whl") ;;
+  esac
+done
+((${#pure[@]})) && { install "${pure[@]}" || echo "gpu_check: installing ${pure[*]} failed" >&2; }
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c 'import torchvision' 2>/dev/null && ((${#vision[@]})); then
+  install "${vision[@]}" || echo "gpu_check: installing ${vision[*]} failed" >&2
+fi
+
+cd "$REPO" || exit 1
+exec "$PY" - "$MODE" <<'PYTHON'
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODE = sys.argv[1]
+GPU = MODE == "gpu"
+DEV = "cuda" if GPU else "cpu"
+PY = sys.executable
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 465 if GPU else 280))  # all parts together
+LOG = Path(os.environ["OUT"], "gpu_check.log") if os.environ.get("OUT") else None  # every part's output
+WORK = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+T0 = time.monotonic()
+
+
+def run(name, cmd, limit_s):
+    """Run ``cmd`` in its own process group, at most ``limit_s`` seconds (less when the budget
+    is nearly spent); on timeout the whole group (bench.py's bare processes too) is killed."""
+    limit = max(10.0, min(limit_s, BUDGET_S - (time.monotonic() - T0)))
+    print(f"gpu_check: {name}: {' '.join(cmd)} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=limit)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        rc = "timeout"
+    if LOG is not None:
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        with LOG.open("a") as fh:
+            fh.write(f"===== {name} rc={rc} {time.monotonic() - start:.1f} s: {' '.join(cmd)}\n{out[-20000:]}\n{err[-20000:]}\n")
+    return rc, out, err, round(time.monotonic() - start, 1)
+
+
+def tail(text, n=400):
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][-n:] if lines else ""
+
+
+def part(fn):
+    """A part's result; an error in the check itself is a failed part, not a stopped script."""
+    try:
+        return fn()
+    except Exception as exc:
+        return {"status": "fail", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def pytest_gpu():
+    cmd = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--tb=short"]
+    rc, out, err, s = run("pytest", cmd, 150)
+    status = {0: "pass", 5: "no_tests", "timeout": "timeout"}.get(rc, "fail")
+    return {"status": status, "rc": rc, "summary": tail(out) or tail(err), "seconds": s}
+
+
+def bench(name, args, target, limit_s):
+    path = WORK / f"{name}.json"
+    rc, out, err, s = run(name, [PY, "scripts/bench.py", *args, "--device", DEV, "--json", str(path)], limit_s)
+    if rc != 0 or not path.exists():
+        return {"status": "timeout" if rc == "timeout" else "fail", "rc": rc, "error": tail(err), "seconds": s}
+    res = json.loads(path.read_text())
+    keep = ("ratio", "ratio_fedsim_settings", "bare_fedsim_settings_error", "sim_samples_per_s", "bare_samples_per_s")
+    keep += ("bare_fedsim_settings_samples_per_s", "steady_rounds", "examples_per_node", "scaled", "vectorize")
+    out = {"status": "pass", **{k: res[k] for k in keep if k in res}, "target": target}
+    out |= {"meets_target": res["ratio"] >= target, "seconds": s}
+    return out
+
+
+# a short run for determinism and CPU against GPU: CIFAR-shaped synthetic images, pfl-research's CNN
+SHORT = [
+    "cluster=local",
+    "logger=jsonl",
+    "dataset=synthetic",
+    "dataset.shape=[3,32,32]",
+    f"dataset.n_train={2000 if GPU else 400}",
+    f"dataset.n_test={500 if GPU else 100}",
+    "model=pfl_cnn",
+    "partition=iid",
+    "num_nodes=20",
+    "nodes_per_round=5",
+    "rounds=3",
+    "eval_every=0",
+    "strategy.client.batch_size=10",
+    "strategy.client.lr=0.05",
+]
+
+
+def fedsim_run(tag, device, extra=()):
+    """One short CLI run into WORK/tag; its run_end record and model.pt."""
+    folder = WORK / tag
+    cmd = [PY, "-m", "fedsim", *SHORT, f"cluster.device={device}", f"server.device={device}", *extra]
+    rc, out, err, s = run(tag, [*cmd, f"hydra.run.dir={folder}"], 45)
+    if rc != 0:
+        raise RuntimeError(f"{tag}: rc {rc}: {tail(err)}")
+    records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return next(r for r in reversed(records) if r.get("event") == "run_end"), folder / "model.pt", s
+
+
+def determinism():
+    res = {}
+    for kind, extra in (("one_at_a_time", ()), ("vectorized", ("cluster.vectorize=true",))):
+        try:
+            a, _, sa = fedsim_run(f"det_{kind}_a", DEV, extra)
+            b, _, sb = fedsim_run(f"det_{kind}_b", DEV, extra)
+            sha = [a["params_sha256"], b["params_sha256"]]
+            res[kind] = {"equal": sha[0] == sha[1], "sha256": [h[:16] for h in sha], "seconds": [sa, sb]}
+        except Exception as exc:
+            res[kind] = {"equal": False, "error": str(exc)}
+    return {"status": "pass" if all(r["equal"] for r in res.values()) else "fail", **res}
+
+
+TOL = {"acc_abs": 0.02, "loss_rel": 0.01, "param_abs": 1e-3}
+
+
+def cpu_vs_gpu():
+    import torch
+
+    # the GPU side is determinism's first run where it exists (the same command)
+    gpu_dir = WORK / "det_one_at_a_time_a"
+    if (gpu_dir / "model.pt").exists():
+        records = [json.loads(ln) for ln in (gpu_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        g, g_model = next(r for r in reversed(records) if r.get("event") == "run_end"), gpu_dir / "model.pt"
+    else:
+        g, g_model, _ = fedsim_run("cvg_gpu", DEV)
+    c, c_model, _ = fedsim_run("cvg_cpu", "cpu")
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["params"]  # noqa: E731
+    diff = float((load(c_model) - load(g_model)).abs().max())
+    d_acc = abs(c["eval/acc"] - g["eval/acc"])
+    d_loss = abs(c["eval/loss"] - g["eval/loss"]) / max(abs(c["eval/loss"]), 1e-12)
+    ok = d_acc <= TOL["acc_abs"] and d_loss <= TOL["loss_rel"] and diff <= TOL["param_abs"]
+    return {
+        "status": "pass" if ok else "fail",
+        "acc": [c["eval/acc"], g["eval/acc"]],
+        "loss": [c["eval/loss"], g["eval/loss"]],
+        "loss_rel_diff": d_loss,
+        "max_abs_param_diff": diff,
+        "tolerances": TOL,
+    }
+
+
+def aggregators():
+    path = WORK / "aggregators.json"
+    size = ["--d", "11200000", "--repeat", "2"] if GPU else ["--d", "100000", "--repeat", "1"]
+    cmd = [PY, "scripts/bench_aggregators.py", "--device", DEV, "--n", "100", "--f", "10", *size, "--json", str(path)]
+    rc, out, err, s = run("aggregators", cmd, 60)
+    if rc != 0 or not path.exists():
+        return {"status": "timeout" if rc == "timeout" else "fail", "rc": rc, "error": tail(err), "seconds": s}
+    res = json.loads(path.read_text())
+    failed = [k for k, v in res["seconds"].items() if isinstance(v, str)]
+    return {"status": "fail" if failed else "pass", "d": res["d"], "seconds_per_rule": res["seconds"], "seconds": s}
+
+
+# W3 and W4 on the GPU at their size, few rounds; on the CPU (dry run) tiny
+TINY_W3 = [] if GPU else ["num_nodes=100", "dataset.n_train=5000", "dataset.n_test=500"]
+W3_ROUNDS = ["--rounds", "8", "--warmup", "2"] if GPU else ["--rounds", "2", "--warmup", "1"]
+W4_ARGS = ["--rounds", "3", "--warmup", "1"] if GPU else ["--rounds", "2", "--warmup", "1", "--examples", "8"]
+
+PARTS = {
+    "determinism": determinism,
+    "cpu_vs_gpu": cpu_vs_gpu,
+    "w3": lambda: bench("w3", ["--workload", "w3", *W3_ROUNDS, *TINY_W3], 0.9, 75),
+    "w3_vectorized": lambda: bench(
+        "w3_vectorized", ["--workload", "w3", *W3_ROUNDS, *TINY_W3, "cluster.vectorize=true"], 3.0, 75
+    ),
+    "w4": lambda: bench("w4", ["--workload", "w4", *W4_ARGS], 0.9, 120),
+    "pytest": pytest_gpu,
+    "aggregators": aggregators,
+}
+# GPU_CHECK_PARTS=w3,w4 runs some parts only (a rerun after a fix), in this order
+chosen = [p for p in os.environ.get("GPU_CHECK_PARTS", ",".join(PARTS)).split(",") if p]
+unknown = [p for p in chosen if p not in PARTS]
+if unknown:
+    sys.exit(f"gpu_check: unknown parts {unknown}; the parts are {', '.join(PARTS)}")
+parts = {}
+for name in chosen:
+    parts[name] = part(PARTS[name])
+    print(f"gpu_check: {name}: {json.dumps(parts[name], default=str)[:600]}", file=sys.stderr, flush=True)
+
+import torch  # noqa: E402  (here, after the parts: this process holds no GPU memory while they run)
+
+summary = {
+    "mode": "gpu" if GPU else "cpu dry run (device cpu, tiny sizes)",
+    "gpu": torch.cuda.get_device_name(0) if GPU else None,
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda,
+}
+try:
+    import torchvision
+
+    summary["torchvision"] = torchvision.__version__
+except Exception as exc:
+    summary["torchvision"] = f"unavailable: {type(exc).__name__}: {exc}".splitlines()[0]
+summary["parts"] = parts
+summary["pass"] = all(p.get("status") == "pass" for p in parts.values())
+summary["seconds"] = round(time.monotonic() - T0, 1)
+if os.environ.get("OUT"):
+    try:
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    except OSError as exc:
+        summary["out_error"] = str(exc)
+print(json.dumps(summary, default=str), flush=True)
+sys.exit(0 if summary["pass"] else 1)
+PYTHON
