@@ -42,7 +42,7 @@ RESUMABLE = (
     "save_model",
 )
 """Top-level keys a resumed run may change (run length, logging, where it runs)."""
-SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every")
+SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every", "device")
 STRATEGY_RESUMABLE = ("log_weights_every",)
 """Strategy keys that only say what is logged (an experiment sets FedAU's to ``${rounds}``)."""
 

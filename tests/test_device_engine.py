@@ -109,6 +109,68 @@ def test_ray_device_choice_follows_the_clusters_gpus():
         RayExecutor.gpu_choice("cuda:1", 2)
 
 
+def test_broadcast_bytes_counts_a_tensor_where_it_is():
+    """A GPU broadcast is counted without a copy to the host (a meta tensor has no data)."""
+    from fedsim.server.pipeline import broadcast_bytes
+
+    assert broadcast_bytes({"c": torch.zeros(5, device="meta"), "n": 3, "none": None}) == 24
+    assert broadcast_bytes({"c": torch.zeros(2, 3)}) == 24
+
+
+def test_a_checkpoint_from_another_device_resumes_here_and_says_so(tmp_path):
+    """A checkpoint whose run was on a GPU (its device field) resumes on this machine's CPU
+    with server.device changed, says in one line that bits differ across devices, and ends
+    with the same model as a run that never stopped (the state was on the CPU all along)."""
+    import torch as _torch
+
+    from fedsim import checkpoint
+
+    run = tmp_path / "r"
+    cli = [sys.executable, "-m", "fedsim", "cluster=local", "dataset=digits", "logger=jsonl", f"hydra.run.dir={run}"]
+    first = subprocess.run(
+        [*cli, "rounds=2", "checkpoint.every=1", "server.device=cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    path = checkpoint.all_checkpoints(run)[-1][1]
+    payload = _torch.load(path, map_location="cpu", weights_only=False)
+    payload["device"] = "nodes on cuda (NVIDIA H200), server on cuda (NVIDIA H200)"
+    checkpoint.write_atomic(path, payload)
+    second = subprocess.run(
+        [*cli, "rounds=3", "checkpoint.every=1", "server.device=auto", "resume=true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr
+    said = [line for line in second.stderr.splitlines() if "not bit for bit" in line]
+    assert len(said) == 1 and "NVIDIA H200" in said[0] and "nodes on cpu, server on cpu" in said[0]
+    straight = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim",
+            "cluster=local",
+            "dataset=digits",
+            "logger=jsonl",
+            "rounds=3",
+            f"hydra.run.dir={tmp_path / 's'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr
+    from fedsim.results import load_run
+
+    assert load_run(run).summary["params_sha256"] == load_run(tmp_path / "s").summary["params_sha256"]
+
+
 def test_evaluator_node_accuracies_equal_the_per_node_means():
     """The batched count of correct rows per node gives each node's mean exactly."""
     import numpy as np

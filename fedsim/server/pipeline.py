@@ -83,6 +83,9 @@ def broadcast_bytes(broadcast: Mapping[str, Any] | None) -> int:
     for value in broadcast.values():
         if value is None:
             continue
+        if isinstance(value, torch.Tensor):  # on any device: counted, never copied to the host
+            total += 4 * value.numel()
+            continue
         arr = np.asarray(value)
         total += 4 * arr.size if arr.dtype.kind in "biuf" else 1
     return total
