@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedsim.contract import RunFacts, Server, Strategy
+from fedsim.contract import SERVERS, RunFacts, Server, Strategy
 from fedsim.errors import ConfigError
 from fedsim.faults.byzantine import Byzantine
 from fedsim.uplink import Uplink
@@ -55,7 +55,7 @@ def check(plan: Plan) -> None:
         if server.kind == "p2p":
             raise ConfigError(
                 f"server=p2p runs peer-to-peer strategies (strategy=monna); {s} aggregates at a "
-                "server: use server=sync or server=async"
+                f"server: use {' or '.join(f'server={k}' for k in SERVERS if k in caps.servers)}"
             )
         if allowed == ["async"]:
             raise ConfigError(f"{s} aggregates stale updates; add server=async")

@@ -13,6 +13,10 @@ durations come from (seed, "latency", node, k), so they do not depend on event o
   (mean ``mean``).
 - ``exponential`` (`Exponential`): exponential with mean ``mean`` per job.
 - ``data`` (`Data`): proportional to the node's number of examples: ``scale`` x n_i / mean_j n_j.
+- ``delayed`` (`Delayed`; Wang and Gao, arXiv 2309.13536): every job takes ``value``, those of the
+  listed ``nodes`` take ``value + delay``. Listing the nodes that hold one class makes staleness
+  and data intertwined (the authors delay the nodes of class 5 by 40 rounds); with a partition
+  of known classes (``fedsim.data.partition.LabelDistribution``) the ids follow from it.
 
 ``node_spread`` (lognormal and exponential) gives every node its own mean, ``mean`` x
 exp(node_spread z_i - node_spread^2/2) with z_i drawn once from (seed, "latency", "nodes"), for
@@ -134,3 +138,26 @@ class LogNormal(_Random):
 
     def draw(self, mean: float, rng: np.random.Generator) -> float:
         return float(mean * math.exp(self.sigma * rng.standard_normal() - self.sigma**2 / 2))
+
+
+@dataclass
+class Delayed(_Bound):
+    value: float = 1.0
+    delay: float = 40.0
+    nodes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _positive("value", self.value)
+        if self.delay < 0:
+            raise ConfigError(f"latency.delay={self.delay} must be >= 0")
+        self.nodes = [int(i) for i in self.nodes]
+        if any(i < 0 for i in self.nodes):
+            raise ConfigError(f"latency.nodes={self.nodes} must be node ids >= 0")
+
+    def means(self, n: int, seed: int, sizes: np.ndarray | None) -> np.ndarray:
+        late = [i for i in self.nodes if i >= n]
+        if late:
+            raise ConfigError(f"latency.nodes names nodes {late}, the run has {n} (ids 0..{n - 1})")
+        out = np.full(n, float(self.value))
+        out[self.nodes] += float(self.delay)
+        return out

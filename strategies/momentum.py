@@ -1,0 +1,266 @@
+"""FedAvg-M and SCAFFOLD-M (Z. Cheng, X. Huang, P. Wu, K. Yuan, "Momentum Benefits Non-IID
+Federated Learning Simply and Provably", ICLR 2024, arXiv 2306.16504).
+
+The server keeps a momentum direction g (0 at first) and sends it with the model. A node starts
+from y = x and takes K local steps
+
+    FedAvg-M:    y <- y - lr (beta g_i(y) + (1 - beta) g)
+    SCAFFOLD-M:  y <- y - lr (beta (g_i(y) - c_i + c) + (1 - beta) g)
+
+with g_i(y) its minibatch gradient. The server averages the updates x - y into D, steps the model
+x <- x - server_lr D (the server optimiser; SGD lr 1 by default), and sets the next direction to
+g <- D / (lr K), the mean update in gradient units. beta = 1 is FedAvg (SCAFFOLD), bit for bit.
+(Not FedAvgM of Hsu et al. 2019, which is server-side heavy ball: ``strategy.server_opt.momentum``.)
+
+In fedsim terms a local step is written as a `Correction` with a rescaled step size:
+
+    lr (beta g_i + (1 - beta) g) = (lr beta) (g_i + ((1 - beta) / beta) g),
+
+so the client runs local SGD at lr * beta with the linear term ((1 - beta) / beta) g (plus c - c_i
+for SCAFFOLD-M) and keeps the vectorised cohort path. The two sides are equal in exact arithmetic;
+in float32 they differ by rounding (lr * beta and (1 - beta) / beta are rounded once each). At
+beta = 1 the step size is lr * 1.0 = lr and there is no momentum term, so the client is the parent's.
+
+The paper's K is the same on every node. Here K may differ per node (``epochs`` with unequal node
+sizes), so nodes also send their K (a one-number vector ``steps``, dense, as FedNova's) and the
+server divides by the weighted mean of the senders' K (with the update's weights); with
+``strategy.client.steps`` fixed it is the paper's K. docs/methods/momentum.md lists the rules, the
+choices the paper leaves open and what could not be checked against its text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedsim.contract import RunFacts, Vector, linear_step
+from fedsim.errors import ConfigError
+from fedsim.params import FlatModel
+from fedsim.seeding import torch_rng
+from fedsim.types import ClientContext, NodeData, NodeState, RoundInfo, UpdateBatch
+from strategies.client import Correction, LocalSGD, full_gradient
+from strategies.fedavg import FedAvg
+from strategies.scaffold import Scaffold, ScaffoldClient
+
+
+def check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not 0.0 < beta <= 1.0:
+        raise ConfigError(f"strategy.client.beta={beta} must be in (0, 1] (1: no momentum, the parent method)")
+    return beta
+
+
+def server_direction(ctx: ClientContext) -> torch.Tensor:
+    """The server's momentum direction g from the round's broadcast."""
+    g = (ctx.broadcast or {}).get("g")
+    if g is None:
+        raise ValueError("a momentum node needs the server's direction g in the broadcast")
+    return g
+
+
+def steps_vector(k: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([float(k)], dtype=like.dtype, device=like.device)
+
+
+class MomentumClient(LocalSGD):
+    """FedAvg-M's node: local SGD on beta * gradient + (1 - beta) * g, written as SGD at
+    lr * beta with the linear correction ((1 - beta) / beta) g (see the module). ``lr`` is the
+    paper's local step size eta. Sends its update and its number of local steps."""
+
+    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, **kwargs: Any) -> None:
+        beta = check_beta(beta)
+        if lr <= 0:
+            raise ConfigError(f"client lr={lr} must be > 0")
+        super().__init__(lr=float(lr) * beta, **kwargs)
+        self.beta = beta
+        self.eta = float(lr)
+        self.ratio = (1.0 - beta) / beta
+
+    def momentum_term(self, ctx: ClientContext) -> torch.Tensor | None:
+        """((1 - beta) / beta) g, the per-step term that the rescaled step turns into
+        (1 - beta) g; None at beta = 1."""
+        if self.beta == 1.0:
+            return None
+        return server_direction(ctx) * self.ratio
+
+    def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction | None:
+        term = self.momentum_term(ctx)
+        return None if term is None else Correction(linear=term)
+
+    def finish(
+        self,
+        model: FlatModel,
+        delta: torch.Tensor,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+    ) -> tuple[Mapping[str, torch.Tensor], NodeState | None]:
+        return {"update": delta, "steps": steps_vector(self.steps(len(data)), delta)}, state
+
+
+class ScaffoldMomentumClient(ScaffoldClient):
+    """SCAFFOLD-M's node: local SGD on beta * (gradient - c_i + c) + (1 - beta) * g, i.e. SGD at
+    lr * beta with the linear correction c - c_i + ((1 - beta) / beta) g. Its new control variate:
+    option I, the full local gradient at x (as SCAFFOLD's); option II, the mean of its minibatch
+    gradients over the local steps, recovered from the update:
+    c_i+ = c_i - c + ((x - y) / (K lr) - (1 - beta) g) / beta, which is SCAFFOLD's option II at
+    beta = 1. Sends the update, the control change and its number of local steps."""
+
+    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, option: str = "II", **kwargs: Any) -> None:
+        beta = check_beta(beta)
+        if lr <= 0:
+            raise ConfigError(f"client lr={lr} must be > 0")
+        super().__init__(option=option, lr=float(lr) * beta, **kwargs)
+        self.beta = beta
+        self.eta = float(lr)
+        self.ratio = (1.0 - beta) / beta
+
+    def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction:
+        c, c_i = self.controls(start, state, ctx)
+        linear = c - c_i
+        if self.beta != 1.0:
+            linear = linear + server_direction(ctx) * self.ratio
+        return Correction(linear=linear)
+
+    def finish(
+        self,
+        model: FlatModel,
+        delta: torch.Tensor,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+    ) -> tuple[Mapping[str, torch.Tensor], NodeState | None]:
+        c, c_i = self.controls(start, state, ctx)
+        steps = self.steps(len(data))
+        if len(data) == 0:
+            return {"update": delta, "control": torch.zeros_like(delta), "steps": steps_vector(0, delta)}, state
+        if self.option == "I":
+            with torch.enable_grad():
+                new = full_gradient(model, start, data, lambda logits, y: self.loss(logits, y, state))
+        else:
+            mean = delta / (steps * self.eta)  # the mean local direction
+            if self.beta != 1.0:
+                mean = (mean - server_direction(ctx) * (1.0 - self.beta)) / self.beta
+            new = c_i - c + mean
+        return {"update": delta, "control": new - c_i, "steps": steps_vector(steps, delta)}, {"c": new}
+
+
+def next_direction(
+    strategy: FedAvg,
+    eta: float,
+    update: torch.Tensor,
+    batch: UpdateBatch,
+    weights: torch.Tensor,
+    state: dict[str, Any],
+    info: RoundInfo,
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
+    """The server's next direction g = D / (eta K) from the aggregated update D and the senders'
+    mean step count K (the ``steps`` vector through the strategy's aggregation, with the update's
+    weights): (g, the steps aggregator's state, metrics). A mean step count that is not positive
+    and finite (only forged rows can make one) keeps the previous g."""
+    tau, steps_state = strategy.aggregate(
+        batch.vector("steps"),
+        weights,
+        state["steps_aggregator"],
+        torch_rng(info.seed, "preagg", info.round, "steps"),
+    )
+    k = float(tau[0])
+    g = update / (eta * k) if k > 0 and math.isfinite(k) else state["g"]
+    return g, steps_state, {"momentum/g_norm": float(g.norm()), "momentum/steps": k}
+
+
+class FedAvgMomentum(FedAvg):
+    """``strategy=fedavg_m``: FedAvg (any aggregator, pre-aggregators and server optimiser) with
+    `MomentumClient` nodes and the server direction g (see the module). Weighted by examples by
+    default, as fedsim's FedAvg, so that beta = 1 is ``strategy=fedavg`` exactly;
+    ``weighted=false`` gives the plain mean over the senders (1/|S|, the form we could not check)."""
+
+    def __init__(self, *, client: MomentumClient, **kwargs: Any) -> None:
+        if not isinstance(client, MomentumClient):
+            raise ConfigError("strategy=fedavg_m trains with its own client (strategies.momentum.MomentumClient)")
+        super().__init__(client=client, **kwargs)
+        self.eta = client.eta
+        self.declare(message=(Vector("update"), Vector("steps", size=1, compress=False)), broadcast="vectors")
+
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        state = super().init(params, facts)
+        return {**state, "g": torch.zeros_like(params), "steps_aggregator": self.aggregator.init()}
+
+    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"g": state["g"]}
+
+    @linear_step
+    def step(
+        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
+    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
+        weights = self.row_weights(batch, state, info)
+        rng = torch_rng(info.seed, "preagg", info.round)
+        update, agg_state = self.aggregate(batch.vector("update"), weights, state.get("aggregator", {}), rng)
+        new_params, opt_state = self.server_opt.step(params, update, state["server_opt"])
+        g, steps_state, extra = next_direction(self, self.eta, update, batch, weights, state, info)
+        metrics = {"agg/direction_norm": float(update.norm()), **extra}
+        new_state = {
+            **state,
+            "server_opt": opt_state,
+            "aggregator": agg_state,
+            "steps_aggregator": steps_state,
+            "g": g,
+        }
+        return new_params, new_state, metrics
+
+
+class ScaffoldMomentum(Scaffold):
+    """``strategy=scaffold_m``: SCAFFOLD (control variates, the dense control vector, the
+    unweighted mean) with `ScaffoldMomentumClient` nodes and the server direction g, formed from
+    the aggregated update as in FedAvg-M. beta = 1 is ``strategy=scaffold`` exactly."""
+
+    def __init__(self, *, client: ScaffoldMomentumClient, **kwargs: Any) -> None:
+        if not isinstance(client, ScaffoldMomentumClient):
+            raise ConfigError(
+                "strategy=scaffold_m trains with its own client (strategies.momentum.ScaffoldMomentumClient)"
+            )
+        super().__init__(client=client, **kwargs)
+        self.eta = client.eta
+        control = self.capabilities.message[1]
+        self.declare(message=(Vector("update"), control, Vector("steps", size=1, compress=False)))
+
+    def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
+        state = super().init(params, facts)
+        return {**state, "g": torch.zeros_like(params), "steps_aggregator": self.aggregator.init()}
+
+    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"c": state["c"], "g": state["g"]}
+
+    @linear_step
+    def step(
+        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
+    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
+        weights = self.row_weights(batch, state, info)
+        rng = torch_rng(info.seed, "preagg", info.round)
+        update, agg_state = self.aggregate(batch.vector("update"), weights, state.get("aggregator", {}), rng)
+        senders = (batch.num_examples > 0).to(torch.float64)
+        control, control_state = self.aggregate(
+            batch.vector("control"),
+            senders,
+            state["control_aggregator"],
+            torch_rng(info.seed, "preagg", info.round, "control"),
+        )
+        new_params, opt_state = self.server_opt.step(params, update, state["server_opt"])
+        c = state["c"] + control * (batch.senders() / state["num_nodes"])
+        g, steps_state, extra = next_direction(self, self.eta, update, batch, weights, state, info)
+        metrics = {"agg/direction_norm": float(update.norm()), "scaffold/c_norm": float(c.norm()), **extra}
+        new_state = {
+            **state,
+            "server_opt": opt_state,
+            "aggregator": agg_state,
+            "control_aggregator": control_state,
+            "steps_aggregator": steps_state,
+            "c": c,
+            "g": g,
+        }
+        return new_params, new_state, metrics
