@@ -328,10 +328,26 @@ def _register_plugins() -> None:
         Plugins.instance().register(plugin)
 
 
+def _help(argv: list[str]) -> NoReturn:
+    """``--help`` (or ``--help GROUP``): the config groups with their one-line meanings, written
+    as comments in conf/ (fedsim.confdoc), instead of Hydra's list of names; ``--hydra-help``
+    stays Hydra's."""
+    from fedsim.confdoc import help_text
+
+    rest = [a for a in argv if a not in ("--help", "-h", "-m", "--multirun")]
+    try:
+        sys.stdout.write(help_text(CONF_DIR, rest[0] if len(rest) == 1 and "=" not in rest[0] else None))
+    except KeyError as exc:
+        _fail(str(exc.args[0]), 2)
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = argv is None  # the `fedsim` command / `python -m fedsim`, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if "--help" in argv or "-h" in argv:
+            _help(argv)
         _register_plugins()
         if _is_plain_run(argv):
             _preflight(argv)

@@ -25,6 +25,12 @@ conditions must all hold, one per key); an option of one value (``--x``, ``--col
 The table is also printed to stdout, then the paths written. A metric that gets no plot (every run
 logged it at one round only, as with ``eval_every=0``; only at the end; at rounds its seeds do not
 share), or a plot that lacks some group's line, is said on stderr and under the table.
+
+Multi-phase strategies (VRLS: predictor, calibration, estimation, IW-ERM training) log their phase
+every round (a metric whose name ends in ``/phase``, ``vrls/phase``). ``STAT@phaseK`` is a statistic
+over the steps of phase K only (``best@phase3``); without ``--stat``, such runs get ``best@phaseK``
+and ``final@phaseK`` for every phase in which the metric was logged, after the whole-run ``final``
+and ``best``, and the plots mark where each phase begins (a dotted line labelled with its number).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import numpy as np
 from fedsim.results import read_records
 
 X_KEYS = {"round": "round", "time": "time/simulated", "bytes": "comm/bytes_up_total"}
-STATS = "final, best (the largest), max, min or last:K"
+STATS = "final, best (the largest), max, min or last:K; STAT@phaseK over phase K of a multi-phase strategy"
 
 
 @dataclass
@@ -70,10 +76,41 @@ class Run:
             out[int(rec["round"])] = (float(xv) if isinstance(xv, (int, float)) else math.nan, float(y))
         return out
 
-    def series(self, metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) over the steps that logged ``metric``, in order."""
-        pts = list(self.points(metric, x).values())
-        return np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts], dtype=float)
+    def series(self, metric: str, x: str, phase: tuple[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) over the steps that logged ``metric``, in order; with ``phase`` (key, value), only
+        the steps of that phase."""
+        pts = self.points(metric, x)
+        if phase is not None:
+            of = self.phases(phase[0])
+            pts = {t: p for t, p in pts.items() if of.get(t) == phase[1]}
+        values = list(pts.values())
+        return np.asarray([p[0] for p in values], dtype=float), np.asarray([p[1] for p in values], dtype=float)
+
+    def phases(self, key: str) -> dict[int, int]:
+        """round -> phase, from the steps that logged the phase metric ``key`` (``vrls/phase``)."""
+        return {
+            int(rec["round"]): int(rec[key])
+            for rec in self.records
+            if "round" in rec and isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool)
+        }
+
+    def boundaries(self, key: str, x: str) -> list[tuple[float, int]]:
+        """(x, phase) where a phase begins after another: the x of its first step (a round's x is
+        its 1-based number, so the boundary sits half a round before it)."""
+        of = self.phases(key)
+        xs = {int(rec["round"]): rec for rec in self.records if "round" in rec}
+        out = []
+        prev = None
+        for t in sorted(of):
+            if prev is not None and of[t] != prev:
+                if x == "round":
+                    out.append((t + 0.5, of[t]))
+                else:
+                    xv = xs[t].get(X_KEYS[x])
+                    if isinstance(xv, (int, float)):
+                        out.append((float(xv), of[t]))
+            prev = of[t]
+        return out
 
 
 def _overrides(folder: Path) -> dict[str, str]:
@@ -168,8 +205,36 @@ def _few(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def statistic(run: Run, metric: str, stat: str) -> float:
-    _, y = run.series(metric, "round")
+PHASE_SUFFIX = "@phase"
+
+
+def split_stat(stat: str) -> tuple[str, int | None]:
+    """``best@phase3`` -> ("best", 3); ``best`` -> ("best", None)."""
+    base, sep, phase = stat.partition(PHASE_SUFFIX)
+    return (base, int(phase)) if sep and phase.isdigit() else (stat, None)
+
+
+def phase_key(runs: list[Run]) -> str | None:
+    """The metric that numbers a multi-phase strategy's phases (a logged key ending in ``/phase``,
+    such as VRLS's ``vrls/phase``) when some run goes through more than one phase; else None."""
+    for key in sorted(k for k in _logged(runs) if k.endswith("/phase")):
+        if any(len(set(r.phases(key).values())) > 1 for r in runs):
+            return key
+    return None
+
+
+def statistic(run: Run, metric: str, stat: str, phase_metric: str | None = None) -> float:
+    """``stat`` of ``metric`` over the run's steps; ``STAT@phaseK``: over the steps of phase K only
+    (``phase_metric`` numbers them; NaN when the run logged ``metric`` in no step of K)."""
+    stat, phase = split_stat(stat)
+    if phase is not None:
+        if phase_metric is None:
+            return math.nan
+        _, y = run.series(metric, "round", (phase_metric, phase))
+        if len(y) == 0:
+            return math.nan
+    else:
+        _, y = run.series(metric, "round")
     if len(y) == 0:
         value = run.end.get(metric)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -246,6 +311,13 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace, table: lis
         f"{', '.join(str(p) for p in args.paths)}."
     )
     md.append("")
+    if getattr(args, "phase_key", None):
+        md += [
+            f"Phases: the runs go through phases numbered by {getattr(args, 'phase_key', None)}; STAT@phaseK is over the steps "
+            "of phase K only (a whole-run best may come from another phase than the last); the plots mark "
+            "where a phase begins.",
+            "",
+        ]
     rows_csv: list[dict[str, Any]] = []
     groups = sorted(group_runs(runs, group_keys).items(), key=lambda kv: tuple(order(k, v) for k, v in kv[0]))
     for label, members in groups:
@@ -271,7 +343,11 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace, table: lis
                 for label, members in rows:
                     cells = []
                     for c in cols:
-                        vals = [statistic(r, metric, stat) for r in members if r.values.get(col_key, "") == c]
+                        vals = [
+                            statistic(r, metric, stat, getattr(args, "phase_key", None))
+                            for r in members
+                            if r.values.get(col_key, "") == c
+                        ]
                         cells.append(Cell(vals).text(args.digits) if vals else "")
                         rows_csv.append({**dict(label), col_key: c, "metric": metric, "stat": stat, **_csv(vals)})
                     md.append("| " + " | ".join([*(v for _, v in label), *cells]) + " |")
@@ -290,7 +366,7 @@ def write(runs: list[Run], keys: list[str], args: argparse.Namespace, table: lis
             cells = []
             for metric, stat, target in columns:
                 if target is None:
-                    vals = [statistic(r, metric, stat) for r in members]
+                    vals = [statistic(r, metric, stat, getattr(args, "phase_key", None)) for r in members]
                     cells.append(Cell(vals).text(args.digits))
                 else:
                     vals = [reach(r, metric, target, args.x, args.below) for r in members]
@@ -478,6 +554,22 @@ def plot(
                 (line,) = ax.plot(xs, mean, color=color, linestyle=dashes, label=name)
                 ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=color)
                 handles.setdefault(name, line)
+            phases = getattr(args, "phase_key", None)
+            if phases:
+                shown = [r for r in runs if not col_key or r.values.get(col_key, "") == panel]
+                starts = sorted({b for r in shown for b in r.boundaries(phases, args.x)})
+                for xb, phase in starts:
+                    ax.axvline(xb, color="0.45", linestyle=":", linewidth=1)
+                    ax.annotate(
+                        f"phase {phase}",
+                        (xb, 1.0),
+                        xycoords=("data", "axes fraction"),
+                        fontsize=7,
+                        color="0.35",
+                        rotation=90,
+                        ha="right",
+                        va="top",
+                    )
             if col_key:
                 ax.set_title(f"{col_key}={panel}", fontsize=9)
             ax.set_xlabel({"round": "round", "time": "simulated time", "bytes": "uplink bytes (cumulative)"}[args.x])
@@ -646,6 +738,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     vars(args).pop(_Once.GIVEN, None)
+    stat_given = bool(args.stat)
     args.stat = list(dict.fromkeys(args.stat or ["final", "best"]))
     args.target = list(dict.fromkeys(args.target))
     args.pinned = {}
@@ -660,10 +753,13 @@ def main(argv: list[str] | None = None) -> None:
     asked = [(f"--stat {s}", s) for s in args.stat]
     asked += [(f"--metric {m}:{s}", s) for m, stats in args.pinned.items() for s in stats]
     for where, stat in asked:
-        if stat not in ("final", "best", "max", "min") and not (
-            stat.startswith("last:") and stat[5:].isdigit() and int(stat[5:])
+        base, phase = split_stat(stat)
+        if PHASE_SUFFIX in stat and phase is None:
+            ap.error(f"{where}: a phase is named by its number, as in best@phase3")
+        if base not in ("final", "best", "max", "min") and not (
+            base.startswith("last:") and base[5:].isdigit() and int(base[5:])
         ):
-            ap.error(f"{where}: the statistic is final, best or last:K (K ≥ 1), min or max")
+            ap.error(f"{where}: the statistic is final, best or last:K (K ≥ 1), min or max, optionally @phaseK")
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         ap.error(f"no such folder: {missing[0]}")
@@ -675,6 +771,16 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"no finished run (metrics.jsonl ending in run_end) under {', '.join(map(str, args.paths))}")
     runs = _check(ap, runs, args)
     keys = [k for k in keys if len({r.values.get(k) for r in runs}) > 1]
+    args.phase_key = phase_key(runs)
+    if args.phase_key and not stat_given:  # best and final per phase (where the metric was logged)
+        for metric in args.metric:
+            if metric in args.pinned:
+                continue
+            seen = sorted(
+                {p for r in runs for t, p in r.phases(args.phase_key).items() if t in r.points(metric, "round")}
+            )
+            per_phase = [f"{s}{PHASE_SUFFIX}{p}" for p in seen for s in ("best", "final")]
+            args.pinned[metric] = [*args.stat, *per_phase]
     args.out = args.out or args.paths[0]
     table: list[str] = []
     written = write(runs, keys, args, table)

@@ -167,6 +167,16 @@ def make_attack(node: DictConfig) -> Any:
     return attack
 
 
+def make_server(node: DictConfig) -> tuple[Server, torch.device]:
+    """The server of a ``server`` config node, and its device (``server.device``: where it
+    works, not an option of its class)."""
+    device = devices.resolve(node.get("device", "auto"), key="server.device")
+    plain = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("device", None)
+    return make(OmegaConf.create(plain)), device
+
+
 def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation:
     """Everything of a run but the rounds. ``names`` (config group -> chosen option) word the
     refusals; by default they come from the Hydra run or from a config composed with
@@ -210,11 +220,7 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     train_counts = data.label_counts("train")
     participation = make(cfg.participation).bind(num_nodes=num_nodes, seed=seed, label_counts=train_counts)
     latency = make(cfg.latency).bind(num_nodes=num_nodes, seed=seed, sizes=partition.sizes())
-    server_device = devices.resolve(cfg.server.get("device", "auto"), key="server.device")
-    server_node = OmegaConf.to_container(cfg.server, resolve=True)
-    assert isinstance(server_node, dict)
-    server_node.pop("device", None)  # where the server works, not an option of its class
-    server: Server = make(OmegaConf.create(server_node))
+    server, server_device = make_server(cfg.server)
     facts = RunFacts(
         num_nodes=num_nodes,
         num_classes=dataset.num_classes,

@@ -36,9 +36,9 @@ def _check_matrix(U: torch.Tensor) -> None:
 
 
 def finite_rows(U: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: rows without NaN/Inf, read off the row sums (one pass, ~40x cheaper than
-    ``isfinite(U).all(1)`` here). A row whose finite values are so large that their sum overflows
-    float32 (|values| ~ 1e38 / d) also counts as non-finite: as far away as an Inf row."""
+    """(n,) bool: rows without NaN/Inf, read off the row sums (one pass over U instead of an (n, d)
+    boolean temporary; docs/benchmarks.md). A row whose finite values are so large that their sum
+    overflows float32 (|values| ~ 1e38 / d) also counts as non-finite: as far away as an Inf row."""
     return torch.isfinite(U.sum(dim=1))
 
 
@@ -49,7 +49,7 @@ def pairwise_sq_distances(U: torch.Tensor) -> torch.Tensor:
     Rows are centred on the mean of the finite rows first (distances are translation invariant),
     which keeps the cancellation error of the Gram trick relative to the spread of the rows, not
     to their norms; the product runs in the input dtype (float32: ~1e-6 relative error of the
-    spread, and about 5x faster here than float64) and the result is combined in float64,
+    spread; faster than float64, docs/benchmarks.md) and the result is combined in float64,
     clamped at 0, with an exactly zero diagonal. A row with any NaN/Inf is at
     distance +inf from every other row (the MoNNA code's convention for non-finite distances).
     """
@@ -114,9 +114,18 @@ def _need_majority(name: str, n: int, f: int, *, factor: int = 2, extra: int = 0
 
 
 class Mean(Rule):
-    """Weighted mean: sum_i w_i x_i / sum_i w_i (with w_i = examples of node i, FedAvg's
-    sample-weighted mean; McMahan et al. 2017). Rows with zero weight do not count; if every
-    weight is zero the result is the zero vector (no data, no update). Not robust (f = 0)."""
+    """Weighted mean (``mean``).
+
+    Rule: the weighted average of the rows; with w_i = the examples of node i it is FedAvg's
+    sample-weighted mean.
+
+    Formula: Mean(x_1, ..., x_n) = sum_i w_i x_i / sum_i w_i. Rows with zero weight do not count;
+    if every weight is zero the result is the zero vector (no data, no update).
+
+    Tolerates: f = 0 (one arbitrary row moves the output arbitrarily far).
+
+    Reference: H. B. McMahan, E. Moore, D. Ramage, S. Hampson, B. Agüera y Arcas.
+    Communication-Efficient Learning of Deep Networks from Decentralized Data. AISTATS 2017."""
 
     def __call__(self, U: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor:
         if U.ndim != 2:
@@ -130,17 +139,26 @@ class Mean(Rule):
 
 def _nan_last_sort(U: torch.Tensor) -> torch.Tensor:
     """Sort each column ascending, NaN after +inf (so NaN rows count as largest). On the CPU this
-    uses numpy's vectorised sort, several times faster than torch.sort along dim 0 (11 ms vs
-    66 ms for a 21 x 100,000 float32 matrix here); both order NaN last."""
+    uses numpy's vectorised sort, faster than torch.sort along dim 0 (docs/benchmarks.md); both
+    order NaN last."""
     if U.device.type == "cpu":
         return torch.from_numpy(np.sort(U.detach().numpy(), axis=0))
     return torch.sort(U, dim=0).values
 
 
 class Median(Rule):
-    """Coordinate-wise median (Yin et al. 2018). For even n it is the **average of the two middle
-    values** (numpy's convention, and the interpolating ``quantile(0.5)`` of the MoNNA code), not
-    torch.median's lower middle value. Robust to f < n/2 rows; ``f`` is only checked."""
+    """Coordinate-wise median (``median``; ByzFL ``Median``).
+
+    Rule: each coordinate of the output is the median of that coordinate over the n rows.
+
+    Formula: [CWMed(x_1, ..., x_n)]_k = median(x_1k, ..., x_nk). For even n it is the **average of
+    the two middle values** (numpy's convention, and the interpolating ``quantile(0.5)`` of the
+    MoNNA code), not torch.median's lower middle value. NaN sorts as the largest value.
+
+    Tolerates: f < n/2 (checked: 2f < n); ``f`` is only checked, the rule does not use it.
+
+    Reference: D. Yin, Y. Chen, K. Ramchandran, P. Bartlett. Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates. ICML 2018."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("median", f)
@@ -158,9 +176,19 @@ class Median(Rule):
 
 
 class TrimmedMean(Rule):
-    """Coordinate-wise trimmed mean (Yin et al. 2018; ByzFL ``TrMean``): per coordinate, sort
-    the n values, drop the f smallest and the f largest, average the n - 2f left. Needs 2f < n;
-    with f = 0 it is the (unweighted) mean."""
+    """Coordinate-wise trimmed mean (``trimmed_mean``; ByzFL ``TrMean``).
+
+    Rule: per coordinate, sort the n values, drop the f smallest and the f largest, and average
+    the n - 2f left.
+
+    Formula: [TM_f(x_1, ..., x_n)]_k = 1/(n - 2f) sum_{j=f+1}^{n-f} x_(j)k, where
+    x_(1)k <= ... <= x_(n)k are the sorted values of coordinate k (NaN sorts as the largest).
+    With f = 0 it is the (unweighted) mean.
+
+    Tolerates: f < n/2 (checked: 2f < n).
+
+    Reference: D. Yin, Y. Chen, K. Ramchandran, P. Bartlett. Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates. ICML 2018."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("trimmed_mean", f)
@@ -189,11 +217,20 @@ def _krum_scores(U: torch.Tensor, f: int) -> torch.Tensor:
 
 
 class Krum(Rule):
-    """Krum (Blanchard et al. 2017): score each row by the mean of its squared distances to its
-    n - f - 1 nearest other rows and return the row with the lowest score (ties: lowest index).
-    Mean or sum of squared distances gives the same argmin; ByzFL's mean is used. Squared
-    distances as in the paper (the MoNNA repository's Krum uses plain distances). Needs
-    2f + 2 < n."""
+    """Krum (``krum``; ByzFL ``Krum``).
+
+    Rule: score each row by its squared distances to its n - f - 1 nearest other rows and return
+    the row with the lowest score (ties: the lowest index).
+
+    Formula: s_i = 1/(n - f - 1) sum_{j in N_i} ||x_i - x_j||^2, N_i the n - f - 1 rows nearest to
+    x_i (j != i); Krum(x_1, ..., x_n) = x_{i*}, i* = argmin_i s_i. Mean or sum of the squared
+    distances gives the same argmin (ByzFL's mean is used); squared distances as in the paper
+    (the MoNNA repository's Krum uses plain distances). Non-finite rows are infinitely far.
+
+    Tolerates: f with 2f + 2 < n (checked).
+
+    Reference: P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent. NeurIPS 2017."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("krum", f)
@@ -210,8 +247,17 @@ class Krum(Rule):
 
 
 class MultiKrum(Rule):
-    """Multi-Krum (Blanchard et al. 2017; ByzFL default m = n - f): Krum's scores, then the mean
-    of the m rows with the lowest scores. ``m=None`` means n - f. Needs 2f + 2 < n."""
+    """Multi-Krum (``multi_krum``; ByzFL ``MultiKrum``).
+
+    Rule: Krum's scores, then the mean of the m rows with the lowest scores.
+
+    Formula: MultiKrum_m(x_1, ..., x_n) = 1/m sum_{i in S_m} x_i, S_m the m rows of lowest Krum
+    score s_i (see `Krum`; ties: the lower index). ``m=None`` means m = n - f (ByzFL's default).
+
+    Tolerates: f with 2f + 2 < n (checked).
+
+    Reference: P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent. NeurIPS 2017."""
 
     def __init__(self, *, f: int = 0, m: int | None = None) -> None:
         self.f = _need_f("multi_krum", f)
@@ -232,12 +278,22 @@ class MultiKrum(Rule):
 
 
 class GeometricMedian(Rule):
-    """Smoothed Weiszfeld geometric median (RFA, Pillutla et al. 2022). T iterations of
-    beta_i = (1/n) / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i.
+    """Geometric median by the smoothed Weiszfeld algorithm (``geometric_median``; ByzFL
+    ``GeometricMedian``; RFA).
 
-    Defaults nu = 0.1, T = 3, z_0 = 0 (ByzFL and the MoNNA code). ``start="median"`` starts at the
-    coordinate-wise median instead, with which a few more iterations (T ~ 8-10) converge far
-    better in practice (``start`` picks z_0). Rows with NaN/Inf are dropped first (ByzFL). Ignores weights."""
+    Rule: approximately the point that minimises the sum of Euclidean distances to the rows,
+    argmin_z sum_i ||z - x_i||, by T smoothed Weiszfeld iterations.
+
+    Formula: from z_0, T times: beta_i = (1/n) / max(nu, ||z - x_i||),
+    z <- sum_i beta_i x_i / sum_i beta_i. Defaults nu = 0.1, T = 3, z_0 = 0 (ByzFL and the MoNNA
+    code); ``start`` picks z_0 (``zero``, ``mean`` or ``median``: the coordinate-wise median, with
+    which a few more iterations, T ~ 8-10, converge far better in practice). Rows with NaN/Inf are
+    dropped first (ByzFL). Ignores weights.
+
+    Tolerates: f < n/2 (checked: 2f < n; the breakdown point of the exact geometric median).
+
+    Reference: K. Pillutla, S. M. Kakade, Z. Harchaoui. Robust Aggregation for Federated
+    Learning. IEEE Transactions on Signal Processing 70, 2022."""
 
     def __init__(self, *, f: int = 0, nu: float = 0.1, iters: int = 3, start: str = "zero") -> None:
         self.f = _need_f("geometric_median", f)
@@ -295,16 +351,26 @@ def _clipped_mean(U: torch.Tensor, v: torch.Tensor, radius: float) -> torch.Tens
 
 
 class CenteredClipping(Rule):
-    """Centered clipping, CClip(m, L, tau) (Karimireddy, He & Jaggi 2021):
-    v_0 = m; v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||), L iterations.
+    """Centered clipping, CClip(m, L, tau) (``centered_clipping``; ByzFL ``CenteredClipping``).
+
+    Rule: starting from a centre m, move towards the mean of the rows' deviations from the
+    centre, each deviation clipped to norm tau; L times.
+
+    Formula: v_0 = m; v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||);
+    the output is v_L. Defaults L = 1, tau = 100.
 
     **Stateful**: the centre m is the previous output, carried in the explicit state
-    ``{"center": v}`` (zeros at the first call, as in ByzFL; defaults L = 1, tau = 100). One state
-    per aggregation site: each P2P node keeps its own. A row with NaN/Inf has no direction from
-    the centre and contributes nothing (deviation: in ByzFL it would make the output NaN).
+    ``{"center": v}`` (zeros at the first call, as in ByzFL). One state per aggregation site: each
+    P2P node keeps its own. A row with NaN/Inf has no direction from the centre and contributes
+    nothing (deviation: in ByzFL it would make the output NaN). ``center="own"`` centres on row 0
+    instead, a P2P node's own vector: the self-centred clipping ("SCC") baseline of the MoNNA code
+    (L = 3, tau = 2 on MNIST, 5 on CIFAR-10); it keeps no state.
 
-    ``center="own"`` centres on row 0 instead, a P2P node's own vector: the self-centred clipping
-    ("SCC") baseline of the MoNNA code (L = 3, tau = 2 on MNIST, 5 on CIFAR-10); it keeps no state.
+    Tolerates: a Byzantine fraction f/n below a small constant in the paper's analysis (with
+    worker momentum and tau tuned to the honest spread); ``f`` is recorded, not used or checked.
+
+    Reference: S. P. Karimireddy, L. He, M. Jaggi. Learning from History for Byzantine Robust
+    Optimization. ICML 2021.
     """
 
     def __init__(self, *, f: int = 0, tau: float = 100.0, iters: int = 1, center: str = "previous") -> None:
@@ -340,9 +406,19 @@ class CenteredClipping(Rule):
 
 
 class Meamed(Rule):
-    """Mean around the median (Xie et al. 2018; ByzFL ``Meamed``): per coordinate, the average of
-    the n - f values closest to the coordinate-wise median (of two values equally far on either
-    side, the smaller is kept). Needs 2f < n."""
+    """Mean around the median (``meamed``; ByzFL ``Meamed``).
+
+    Rule: per coordinate, the average of the n - f values closest to the coordinate-wise median
+    (of two values equally far on either side, the smaller is kept).
+
+    Formula: [Meamed_f(x_1, ..., x_n)]_k = 1/(n - f) sum_{i in K_k} x_ik, K_k the n - f indices i
+    with the smallest |x_ik - med_k|, med_k the median of coordinate k (NaN and infinities are the
+    farthest).
+
+    Tolerates: f < n/2 (checked: 2f < n).
+
+    Reference: C. Xie, O. Koyejo, I. Gupta. Generalized Byzantine-tolerant SGD.
+    arXiv:1802.10116, 2018."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("meamed", f)
@@ -379,11 +455,22 @@ class Meamed(Rule):
 
 
 class NNA(Rule):
-    """Nearest-neighbour averaging around row ``center`` (ByzFL ``MoNNA(f, idx)``; the MoNNA
-    code's "CVA"): the mean of the n - f rows closest to U[center] in l2, that row included (it is
-    at distance 0). Ties go to the lower row index; non-finite rows are infinitely far. Needs
-    f < n. Unlike the other rules it is *not* permutation invariant: it is defined relative to
-    the centre row (a node's own model in the peer-to-peer loop, where the node's vector is row 0)."""
+    """Nearest-neighbour averaging around a centre row (``nna``; ByzFL ``MoNNA(f, idx)``; the
+    MoNNA code's "CVA").
+
+    Rule: the mean of the n - f rows closest to the centre row U[center] in l2, that row included
+    (it is at distance 0). Ties go to the lower row index; non-finite rows are infinitely far.
+
+    Formula: NNA_f(x_1, ..., x_n; c) = 1/(n - f) sum_{i in N_c} x_i, N_c the n - f rows nearest
+    to x_c (x_c first). Unlike the other rules it is *not* permutation invariant: it is defined
+    relative to the centre row (a node's own model in the peer-to-peer loop, where the node's
+    vector is row 0).
+
+    Tolerates: f < n (checked); its guarantee, from the centre's own honest model, holds for
+    f < n/2 in the analysis of the paper (with a connected honest graph).
+
+    Reference: S. Farhadkhani, R. Guerraoui, N. Gupta, L.-N. Hoang, R. Pinot, J. Stephan.
+    Robust Collaborative Learning with Linear Gradient Overhead. ICML 2023."""
 
     def __init__(self, *, f: int = 0, center: int = 0) -> None:
         self.f = _need_f("nna", f)

@@ -75,9 +75,19 @@ def mix(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 class NNM(PreRule):
-    """Nearest Neighbour Mixing (Allouah et al., AISTATS 2023, "Fixing by Mixing"): replace each
-    x_i by the mean of its n - f nearest rows in l2 (itself included, at distance 0; ties broken by
-    lower index). Distances via the Gram matrix; the mixing is one (n, n) x (n, d) product."""
+    """Nearest Neighbour Mixing (``nnm``; ByzFL ``NNM``).
+
+    Rule: replace each row by the mean of its n - f nearest rows in l2 (itself included, at
+    distance 0; ties broken by the lower index), before a robust aggregator.
+
+    Formula: NNM(x)_i = 1/(n - f) sum_{j in N_i} x_j, N_i the n - f rows nearest to x_i. Distances
+    via the Gram matrix; the mixing is one (n, n) x (n, d) product. Outputs n rows.
+
+    Tolerates: f < n (checked); the paper's guarantees (with a robust aggregator after it) hold
+    for f < n/2.
+
+    Reference: Y. Allouah, S. Farhadkhani, R. Guerraoui, N. Gupta, R. Pinot, J. Stephan. Fixing
+    by Mixing: A Recipe for Optimal Byzantine ML under Heterogeneity. AISTATS 2023."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("nnm", f)
@@ -101,9 +111,19 @@ class NNM(PreRule):
 
 
 class Bucketing(PreRule):
-    """Bucketing (Karimireddy, He & Jaggi, ICLR 2022): randomly permute the rows (the generator
-    passed in, seeded per round), average consecutive groups of s; a last partial bucket is its
-    own mean. Outputs ceil(n / s) rows."""
+    """Bucketing (``bucketing``; ByzFL ``Bucketing``).
+
+    Rule: randomly permute the rows (the generator passed in, seeded per round) and average
+    consecutive groups of s; a last partial bucket is its own mean.
+
+    Formula: with a random permutation pi, y_b = 1/|B_b| sum_{i in B_b} x_pi(i),
+    B_b = {(b - 1)s + 1, ..., min(bs, n)}, b = 1, ..., ceil(n / s). Outputs ceil(n / s) rows.
+
+    Tolerates: no f of its own; it keeps the aggregator's tolerance when s f stays below the
+    aggregator's breakdown point (at most f buckets hold a faulty row), as the paper requires.
+
+    Reference: S. P. Karimireddy, L. He, M. Jaggi. Byzantine-Robust Learning on Heterogeneous
+    Datasets via Bucketing. ICLR 2022."""
 
     def __init__(self, *, s: int = 2) -> None:
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
@@ -128,8 +148,17 @@ class Bucketing(PreRule):
 
 
 class Clipping(PreRule):
-    """Static clipping: x_i <- x_i min(1, c / ||x_i||); ByzFL default c = 2. A NaN/Inf row has no
-    direction and becomes 0 (it can no longer poison a mean)."""
+    """Static clipping (``clipping``; ByzFL ``Clipping``).
+
+    Rule: scale every row down to norm at most c.
+
+    Formula: x_i <- x_i min(1, c / ||x_i||); ByzFL's default c = 2. A NaN/Inf row has no direction
+    and becomes 0 (it can no longer poison a mean). Outputs n rows.
+
+    Tolerates: no f of its own: it bounds what any one row contributes, and the aggregator after
+    it gives the tolerance.
+
+    Reference: ByzFL (LPD-EPFL/byzfl), ``Clipping``; norm clipping as a defence in general."""
 
     def __init__(self, *, c: float = 2.0) -> None:
         if c <= 0:
@@ -142,9 +171,18 @@ class Clipping(PreRule):
 
 
 class ARC(PreRule):
-    """Adaptive Robust Clipping (Allouah et al., 2024; ByzFL ``ARC``): clip the
-    k = floor(2 (f/n) (n - f)) rows of largest norm to the norm of the (n - k)-th smallest row
-    (the largest unclipped norm). Non-finite rows count as largest and become 0."""
+    """Adaptive Robust Clipping (``arc``; ByzFL ``ARC``).
+
+    Rule: clip the k rows of largest norm to the largest norm among the other rows.
+
+    Formula: k = floor(2 (f/n) (n - f)); with the norms sorted ascending, ||x||_(1) <= ... <=
+    ||x||_(n), every row of norm above ||x||_(n-k) is scaled to x_i ||x||_(n-k) / ||x_i||.
+    Non-finite rows count as largest and become 0. Outputs n rows.
+
+    Tolerates: f < n (checked); with f = 0 it changes nothing.
+
+    Reference: Y. Allouah, R. Guerraoui, N. Gupta, A. Jellouli, G. Rizk, J. Stephan. Boosting
+    Robustness by Clipping Gradients in Distributed Learning. arXiv:2405.14432, 2024."""
 
     def __init__(self, *, f: int = 0) -> None:
         self.f = _need_f("arc", f)

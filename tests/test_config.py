@@ -14,7 +14,7 @@ from fedsim.execution.worker import NodeTask, WorkerSpec
 from fedsim.logging import Callback
 from fedsim.models import build_model
 from fedsim.seeding import np_rng
-from fedsim.simulation import make, make_attack
+from fedsim.simulation import make, make_attack, make_server
 from fedsim.uplink import Uplink
 from tests.conftest import CONF, compose, run_facts
 from tests.data.natural_fixtures import write_leaf, write_npz, write_plays
@@ -145,7 +145,8 @@ def test_option_composes_and_instantiates(group, option, data_root, request):
             seen[ids] += 1
         assert abs(seen.sum() / 200 - p.sum()) < 0.35 * p.sum()  # about sum p_n nodes per round
     elif group == "server":
-        server = make(node)
+        server, device = make_server(node)
+        assert device.type in ("cpu", "cuda")
         assert server.rounds == cfg.rounds and server.num_nodes == cfg.num_nodes
         assert getattr(server, "nodes_per_round", cfg.nodes_per_round) == cfg.nodes_per_round
     elif group == "cluster":

@@ -218,3 +218,54 @@ def test_the_table_is_printed_then_the_paths_written(tmp_path, capsys):
         plots = [f"wrote {p}" for p in sorted(d.glob(f"{name}_*.png"))]
         assert plots and wrote.splitlines() == [f"wrote {d / name}.md", f"wrote {d / name}.csv", *plots]
     assert "## eval/loss, min" in table  # every matrix of --columns
+
+
+def test_a_multi_phase_strategy_gets_best_and_final_per_phase_and_its_boundaries_marked(tmp_path, capsys):
+    """Real VRLS runs (predictor 4 rounds, calibration 2, estimate 1, IW-ERM 5, evaluated every
+    round): the default statistics add best and final per phase, the phase restart is not the
+    whole-run best's phase, and the plot marks where each phase begins."""
+    from tests.test_faults import run
+
+    phases = ["strategy=vrls", "strategy.predictor_rounds=4", "strategy.calibration_rounds=2", "rounds=5"]
+    for seed in (0, 1):
+        folder = tmp_path / "sweep" / f"seed{seed}"
+        done = run(*phases, "cluster=local", "logger=jsonl", f"seed={seed}", f"hydra.run.dir={folder}")
+        assert done.returncode == 0, done.stderr
+    runs, _ = report.load([tmp_path / "sweep"])
+    assert report.phase_key(runs) == "vrls/phase"
+    (first, *_) = runs
+    assert sorted(set(first.phases("vrls/phase").values())) == [0, 1, 2, 3]
+    # predictor rounds 0-3, calibration 4-5, estimate 6, IW-ERM 7-11 (x: the 1-based round): boundaries
+    # half a round before each phase's first x
+    assert first.boundaries("vrls/phase", "round") == [(4.5, 1), (6.5, 2), (7.5, 3)]
+    accs = {t: y for t, (_, y) in first.points("eval/acc", "round").items()}
+    assert report.statistic(first, "eval/acc", "best@phase0", "vrls/phase") == max(accs[t] for t in range(4))
+    assert report.statistic(first, "eval/acc", "final@phase3", "vrls/phase") == accs[11]
+    assert report.statistic(first, "eval/acc", "best@phase3", "vrls/phase") == max(accs[t] for t in range(7, 12))
+    assert np.isnan(report.statistic(first, "eval/acc", "best@phase7", "vrls/phase"))
+
+    report.main([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    for stat in ("final", "best", "best@phase0", "final@phase0", "best@phase3", "final@phase3"):
+        assert f"eval/acc {stat} |" in header
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "numbered by vrls/phase" in md
+    stats = {row["stat"] for row in rows(tmp_path / "sweep" / "report.csv")}
+    assert {"best@phase0", "final@phase3"} <= stats
+    assert (tmp_path / "sweep" / "eval_acc_vs_round.png").exists()
+
+    # an explicit --stat is kept as given, and may name a phase; a phase without a number is one line
+    report.main([str(tmp_path / "sweep"), "--stat", "best@phase3", "--name", "p3"])
+    assert {row["stat"] for row in rows(tmp_path / "sweep" / "p3.csv")} == {"best@phase3"}
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "sweep"), "--stat", "best@phaseX"])
+    assert "a phase is named by its number" in capsys.readouterr().err
+
+
+def test_runs_without_phases_keep_the_plain_statistics(tmp_path):
+    write_run(tmp_path / "run", [0.5, 0.7, 0.6])
+    runs, _ = report.load([tmp_path / "run"])
+    assert report.phase_key(runs) is None
+    report.main([str(tmp_path / "run")])
+    assert {row["stat"] for row in rows(tmp_path / "run" / "report.csv")} == {"final", "best"}

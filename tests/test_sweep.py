@@ -71,7 +71,7 @@ def test_a_sweep_runs_jobs_at_once_survives_a_failing_job_and_reruns_only_what_i
             assert records[-1]["event"] != "run_end"
             assert f"job {name} failed: the model became NaN" in first.stderr and "(or rerun the sweep)" in first.stderr
     assert "2 of 4 jobs done (2 here, 0 before), 2 failed" in first.stderr
-    assert first.stderr.count("sweep: 2/4 done, 2 failed, 0 queued or running") == 1  # the last line agrees
+    assert first.stderr.count("sweep: 2/4 done, 2 failed, 0 running, 0 queued") == 1  # the last line agrees
     index = json.loads((d / "sweep.json").read_text())
     assert index["swept"] == ["attack", "seed"] and [j["name"] for j in index["jobs"]] == names
 
@@ -413,9 +413,16 @@ def test_the_progress_line_counts_every_job_of_the_sweep_and_estimates_from_the_
     _progress(tally, 4, 120.0, 4)  # 4 jobs returned in 2 minutes: 16 left take 8
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        "sweep: 1/22 done, 1 failed, 20 queued or running (4 at a time), ETA ? (after the first jobs)",
-        "sweep: 2/22 done, 1 failed, 19 queued or running (4 at a time), ETA ? (after the first jobs)",
-        "sweep: 3/22 done, 2 failed, 1 with other drivers, 16 queued or running (4 at a time), ETA 8.0 min",
+        "sweep: 1/22 done, 1 failed, 4 running, 16 queued (4 at a time), ETA ? (after the first jobs)",
+        "sweep: 2/22 done, 1 failed, 4 running, 15 queued (4 at a time), ETA ? (after the first jobs)",
+        "sweep: 3/22 done, 2 failed, 1 with other drivers, 4 running, 12 queued (4 at a time), ETA 8.0 min",
+    ]
+    tally = Tally(3)
+    for ret in (ok, ok):
+        tally.count(ret)
+    _progress(tally, 2, 36.0, 2)  # fewer jobs left than slots: all of them run
+    assert capsys.readouterr().err.splitlines() == [
+        "sweep: 2/3 done, 0 failed, 1 running, 0 queued (2 at a time), ETA 0.3 min"
     ]
 
 

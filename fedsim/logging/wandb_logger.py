@@ -1,5 +1,6 @@
 """Weights & Biases logging. ``mode=offline`` (the default) needs no account: runs are written
-under the run directory and can be uploaded later with ``wandb sync``.
+under the run directory and can be uploaded later with ``python -m fedsim.sync RUN_DIR`` (a
+resumed run's segments as one run, in order; ``fedsim.sync``).
 
 Run name ``{strategy}-{dataset}-s{seed}``, group ``{dataset}-{partition}-{model}``, and the
 strategy/dataset/partition as config and tags, so a dashboard grouped or filtered by them shows
@@ -41,7 +42,10 @@ old names for offline and online)."""
 _NO_SERVER = ("offline", "dryrun", "disabled")
 """Modes that send nothing to a W&B server, hence need no API key."""
 
-_FIX = "run `wandb login` (or set WANDB_API_KEY) on this machine, or use {option}=offline and upload later with `wandb sync`"
+_FIX = (
+    "run `wandb login` (or set WANDB_API_KEY) on this machine, or use {option}=offline and upload later "
+    "with `python -m fedsim.sync RUN_DIR`"
+)
 
 
 def modes() -> tuple[str, ...]:

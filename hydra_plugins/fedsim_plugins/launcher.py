@@ -7,7 +7,7 @@ simulation in its own worker process with the in-process executor (``cluster=loc
 jobs, not the nodes of one run, share the cluster's CPUs: a 2-core machine runs 2 jobs at a time,
 a cluster of 64 CPUs 64. Results do not depend on the executor (docs/design.md, "Determinism").
 A failing job is reported and the others go on. One progress line shows jobs done, failed and
-queued or running, and an estimate of the time left. A job that reserves more CPUs than the
+running and queued, and an estimate of the time left. A job that reserves more CPUs than the
 largest node has stops the sweep before it starts. Ray reuses its worker processes: a job runs in
 a Ray worker process, not necessarily a fresh one.
 """
@@ -253,17 +253,19 @@ def _job_line(name: str, ret: JobReturn) -> None:
 def _progress(tally: Tally, returned: int, elapsed: float, slots: int) -> None:
     """The sweep's one progress line, from the start: rewritten in place on a terminal, else
     printed at the start and every 5 %. It counts every job of the sweep, as the sweeper's
-    summary does. Every job is submitted at once, so the jobs not settled are queued or running
-    (at most ``slots``, the jobs the cluster's CPUs hold at a time, run). The ETA is the throughput
+    summary does. Every job is submitted at once, so of the jobs not settled ``slots`` (the jobs the
+    cluster's CPUs hold at a time) are running and the rest queued (on a cluster whose CPUs other
+    work also uses, some counted as running may still wait for a CPU). The ETA is the throughput
     so far applied to the jobs left, once ``slots`` jobs have returned here."""
     left = tally.total - tally.settled
+    running = min(slots, left)
     eta = elapsed / returned * left if returned >= slots else float("nan")
     eta_txt = f"{eta / 60:.1f} min" if eta == eta else "? (after the first jobs)"
     other = tally.other_done + tally.other_running
     line = (
         f"sweep: {tally.done}/{tally.total} done, {tally.failed} failed, "
         + (f"{other} with other drivers, " if other else "")
-        + f"{left} queued or running ({slots} at a time), ETA {eta_txt}"
+        + f"{running} running, {left - running} queued ({slots} at a time), ETA {eta_txt}"
     )
     if sys.stderr.isatty():
         print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
