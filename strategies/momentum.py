@@ -240,27 +240,6 @@ class ScaffoldMomentum(Scaffold):
     def step(
         self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
-        weights = self.row_weights(batch, state, info)
-        rng = torch_rng(info.seed, "preagg", info.round)
-        update, agg_state = self.aggregate(batch.vector("update"), weights, state.get("aggregator", {}), rng)
-        senders = (batch.num_examples > 0).to(torch.float64)
-        control, control_state = self.aggregate(
-            batch.vector("control"),
-            senders,
-            state["control_aggregator"],
-            torch_rng(info.seed, "preagg", info.round, "control"),
-        )
-        new_params, opt_state = self.server_opt.step(params, update, state["server_opt"])
-        c = state["c"] + control * (batch.senders() / state["num_nodes"])
+        new_params, new_state, metrics, update, weights = self.scaffold_step(params, batch, state, info)
         g, steps_state, extra = next_direction(self, self.eta, update, batch, weights, state, info)
-        metrics = {"agg/direction_norm": float(update.norm()), "scaffold/c_norm": float(c.norm()), **extra}
-        new_state = {
-            **state,
-            "server_opt": opt_state,
-            "aggregator": agg_state,
-            "control_aggregator": control_state,
-            "steps_aggregator": steps_state,
-            "c": c,
-            "g": g,
-        }
-        return new_params, new_state, metrics
+        return new_params, {**new_state, "steps_aggregator": steps_state, "g": g}, {**metrics, **extra}

@@ -118,6 +118,14 @@ class Scaffold(FedAvg):
     def step(
         self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
+        new_params, new_state, metrics, _, _ = self.scaffold_step(params, batch, state, info)
+        return new_params, new_state, metrics
+
+    def scaffold_step(
+        self, params: torch.Tensor, batch: UpdateBatch, state: dict[str, Any], info: RoundInfo
+    ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float], torch.Tensor, torch.Tensor]:
+        """`step`, also returning the aggregated update and the rows' weights (for strategies
+        built on SCAFFOLD's server step, such as SCAFFOLD-M)."""
         weights = self.row_weights(batch, state, info)
         rng = torch_rng(info.seed, "preagg", info.round)
         update, agg_state = self.aggregate(batch.vector("update"), weights, state.get("aggregator", {}), rng)
@@ -138,4 +146,4 @@ class Scaffold(FedAvg):
             "control_aggregator": control_state,
             "c": c,
         }
-        return new_params, new_state, metrics
+        return new_params, new_state, metrics, update, weights
