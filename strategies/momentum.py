@@ -65,19 +65,21 @@ def steps_vector(k: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([float(k)], dtype=like.dtype, device=like.device)
 
 
-class MomentumClient(LocalSGD):
-    """FedAvg-M's node: local SGD on beta * gradient + (1 - beta) * g, written as SGD at
-    lr * beta with the linear correction ((1 - beta) / beta) g (see the module). ``lr`` is the
-    paper's local step size eta. Sends its update and its number of local steps."""
+class MomentumStep:
+    """The momentum clients' shared part: the paper's step size eta = ``lr`` and beta, the
+    rescaled SGD step size lr * beta they train at, and the per-step term from g."""
 
-    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, **kwargs: Any) -> None:
+    beta: float
+    eta: float
+    ratio: float
+
+    def momentum_step(self, beta: float, lr: float) -> float:
+        """Set beta, eta and (1 - beta) / beta; returns the rescaled step size lr * beta."""
         beta = check_beta(beta)
         if lr <= 0:
             raise ConfigError(f"client lr={lr} must be > 0")
-        super().__init__(lr=float(lr) * beta, **kwargs)
-        self.beta = beta
-        self.eta = float(lr)
-        self.ratio = (1.0 - beta) / beta
+        self.beta, self.eta, self.ratio = beta, float(lr), (1.0 - beta) / beta
+        return float(lr) * beta
 
     def momentum_term(self, ctx: ClientContext) -> torch.Tensor | None:
         """((1 - beta) / beta) g, the per-step term that the rescaled step turns into
@@ -85,6 +87,15 @@ class MomentumClient(LocalSGD):
         if self.beta == 1.0:
             return None
         return server_direction(ctx) * self.ratio
+
+
+class MomentumClient(MomentumStep, LocalSGD):
+    """FedAvg-M's node: local SGD on beta * gradient + (1 - beta) * g, written as SGD at
+    lr * beta with the linear correction ((1 - beta) / beta) g (see the module). ``lr`` is the
+    paper's local step size eta. Sends its update and its number of local steps."""
+
+    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(lr=self.momentum_step(beta, lr), **kwargs)
 
     def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction | None:
         term = self.momentum_term(ctx)
@@ -102,7 +113,7 @@ class MomentumClient(LocalSGD):
         return {"update": delta, "steps": steps_vector(self.steps(len(data)), delta)}, state
 
 
-class ScaffoldMomentumClient(ScaffoldClient):
+class ScaffoldMomentumClient(MomentumStep, ScaffoldClient):
     """SCAFFOLD-M's node: local SGD on beta * (gradient - c_i + c) + (1 - beta) * g, i.e. SGD at
     lr * beta with the linear correction c - c_i + ((1 - beta) / beta) g. Its new control variate:
     option I, the full local gradient at x (as SCAFFOLD's); option II, the mean of its minibatch
@@ -111,20 +122,12 @@ class ScaffoldMomentumClient(ScaffoldClient):
     beta = 1. Sends the update, the control change and its number of local steps."""
 
     def __init__(self, *, beta: float = 0.1, lr: float = 0.05, option: str = "II", **kwargs: Any) -> None:
-        beta = check_beta(beta)
-        if lr <= 0:
-            raise ConfigError(f"client lr={lr} must be > 0")
-        super().__init__(option=option, lr=float(lr) * beta, **kwargs)
-        self.beta = beta
-        self.eta = float(lr)
-        self.ratio = (1.0 - beta) / beta
+        super().__init__(option=option, lr=self.momentum_step(beta, lr), **kwargs)
 
     def correction(self, start: torch.Tensor, state: NodeState | None, ctx: ClientContext) -> Correction:
         c, c_i = self.controls(start, state, ctx)
-        linear = c - c_i
-        if self.beta != 1.0:
-            linear = linear + server_direction(ctx) * self.ratio
-        return Correction(linear=linear)
+        term = self.momentum_term(ctx)
+        return Correction(linear=c - c_i if term is None else c - c_i + term)
 
     def finish(
         self,
