@@ -218,6 +218,40 @@ class Timer:
         pass
 
 
+def time_rounds(executor) -> list[tuple[float, list[float]]]:
+    """Wraps ``executor.run_round`` to record, per round, its wall time and each worker's busy
+    time (``RoundResult.busy_s``: the worker's own training of its share)."""
+    rounds: list[tuple[float, list[float]]] = []
+    run_round = executor.run_round
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = run_round(*args, **kwargs)
+        rounds.append((time.perf_counter() - t0, list(result.busy_s)))
+        return result
+
+    executor.run_round = timed
+    return rounds
+
+
+def split_window(rounds: list[tuple[float, list[float]]], window: float, samples: int) -> dict:
+    """Where the timed window goes: the workers' training at their own pace (``worker_samples_per_s``:
+    samples per second of busy time, per worker), workers waiting for the slowest one of the
+    round (``share_imbalance``: 1 - mean/max busy), the executor's round trip around the slowest
+    worker (``share_round_trip``: run_round - max busy), and the driver between rounds
+    (``share_driver``: the window - run_round). Shares are of the window."""
+    busy = sum(sum(b) for _, b in rounds)
+    slowest = sum(max(b) for _, b in rounds)
+    mean = sum(sum(b) / len(b) for _, b in rounds)
+    executor = sum(t for t, _ in rounds)
+    return {
+        "worker_samples_per_s": round(samples / busy, 1) if busy else None,
+        "share_imbalance": round((slowest - mean) / window, 4),
+        "share_round_trip": round((executor - slowest) / window, 4),
+        "share_driver": round((window - executor) / window, 4),
+    }
+
+
 def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: str, barrier, queue) -> None:
     """One bare process over its share of node-rounds. ``loop="torch"``: a plain PyTorch loop
     (torch.optim.SGD); ``loop="fedsim"``: fedsim's own LocalSGD inner loop called directly, with
@@ -389,6 +423,7 @@ def main() -> None:
     set_driver_threads(1)
     sim = build(compose(ov))
     timer = Timer(device if device.type == "cuda" else None)
+    rounds = time_rounds(sim.executor)
     t_start = time.perf_counter()
     try:
         sim.run([timer])
@@ -400,6 +435,7 @@ def main() -> None:
     sim_time = timer.ends[-1] - t_begin - eval_s
     sim_samples = sum(timer.samples[steady])
     sim_tput = sim_samples / sim_time
+    split = split_window(rounds[steady], sim_time, sim_samples)
 
     # The same node-rounds the simulator ran in the steady rounds.
     participation = sim.participation
@@ -410,8 +446,9 @@ def main() -> None:
     start = sim.state.params.clone()
     ctx = mp.get_context("spawn")
 
-    def bare(loop: str) -> tuple[int, float]:
-        """Split over one bare process per core (balanced by work, no barriers)."""
+    def bare(loop: str) -> tuple[int, float, float]:
+        """Split over one bare process per core (balanced by work, no barriers): samples, total
+        samples/s, and samples per second of one process at its own pace."""
         sizes = sim.data.partition.sizes()
         tasks = [NodeTask(i) for i in range(len(node_rounds))]
         plan = assign_lpt(tasks, [int(sizes[n]) for n in node_rounds], args.cpus)
@@ -428,7 +465,7 @@ def main() -> None:
         for p in procs:
             p.join()
         total = sum(r[0] for r in results)
-        return total, total / max(r[1] for r in results)
+        return total, total / max(r[1] for r in results), total / sum(r[1] for r in results)
 
     def bare_one_process(arrays: str, fedsim_settings: bool) -> tuple[int, float] | str:
         """W3 / W4: all node-rounds in one fresh process on ``device``; (samples, samples/s), or
@@ -481,8 +518,8 @@ def main() -> None:
             **({"vectorize": sim.vectorize_info()} if sim.executor.spec.vectorize else {}),
         }
     else:
-        bare_samples, bare_tput = bare("torch")
-        _, same_loop_tput = bare("fedsim")
+        bare_samples, bare_tput, _ = bare("torch")
+        _, same_loop_tput, same_loop_each = bare("fedsim")
         out |= {
             "dataset": "shakespeare"
             if args.workload == "w5"
@@ -500,6 +537,7 @@ def main() -> None:
     if not single:
         out |= {
             "bare_same_loop_samples_per_s": round(same_loop_tput, 1),
+            "bare_same_loop_process_samples_per_s": round(same_loop_each, 1),
             "ratio_same_loop": round(sim_tput / same_loop_tput, 3),
         }
     elif same is not None:  # the bare loop under fedsim's settings (no TF32, deterministic kernels)
@@ -511,6 +549,7 @@ def main() -> None:
                 "ratio_fedsim_settings": round(sim_tput / same[1], 3),
             }
         )
+    out |= split
     out |= {
         "eval_s": round(eval_s, 3),
         "eval_examples_per_s": round(len(sim.data.dataset.y_test) / eval_s, 1) if eval_s > 0 else None,
