@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment (.venv, or $FEDSIM_VENV) if missing and install fedsim into it
-# with its test extra. Re-installs only when pyproject.toml changed. Prints the venv's python.
+# with its test and parquet extras (the tests read Parquet files). Re-installs only when
+# pyproject.toml changed. Prints the venv's python.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FEDSIM_VENV:-$root/.venv}"
@@ -13,7 +14,7 @@ want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   # pip (not uv): on machines with a local wheel cache pip takes torch from it.
-  "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+  "$venv/bin/python" -m pip install -q -e "$root[test,parquet]" >&2
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
