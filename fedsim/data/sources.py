@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,26 @@ def _idx_dirs(root: Path, folder: str, system_dirs: tuple[str, ...]) -> list[Pat
     return [root, root / folder / "raw", root / folder, *map(Path, system_dirs)]
 
 
-def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system_dirs: tuple[str, ...]) -> Dataset:
+def _normalizer(name: str, normalize: Sequence[float] | None) -> tuple[float, float] | None:
+    """``dataset.normalize`` = [mean, std] (pixels in [0, 1] become (x - mean) / std), or None."""
+    if normalize is None:
+        return None
+    values = [float(v) for v in normalize]
+    if len(values) != 2 or not values[1] > 0 or not all(np.isfinite(values)):
+        raise ConfigError(f"{name}: dataset.normalize={list(normalize)} must be [mean, std] with std > 0, or null")
+    return values[0], values[1]
+
+
+def _load_idx_dataset(
+    name: str,
+    folder: str,
+    root: Path,
+    download: bool,
+    system_dirs: tuple[str, ...],
+    normalize: Sequence[float] | None = None,
+) -> Dataset:
     dirs = _idx_dirs(root, folder, system_dirs)
+    norm = _normalizer(name, normalize)
 
     def locate() -> dict[str, Path] | None:
         for d in dirs:
@@ -176,6 +195,9 @@ def _load_idx_dataset(name: str, folder: str, root: Path, download: bool, system
     x_te = read_idx(files["test_x"]).astype(np.float32)[:, None, :, :] / 255.0
     y_tr = read_idx(files["train_y"]).astype(np.int64)
     y_te = read_idx(files["test_y"]).astype(np.int64)
+    if norm is not None:
+        mean, std = np.float32(norm[0]), np.float32(norm[1])
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return Dataset(name, x_tr, y_tr, x_te, y_te, 10)
 
 
@@ -208,17 +230,26 @@ def _locate_or_download(locate, download: bool, folder: str, root: Path):
     return locate(), "download failed: " + (reason or "files still missing")
 
 
-def load_mnist(*, root: str | None = None, download: bool = True) -> Dataset:
+def load_mnist(*, root: str | None = None, download: bool = True, normalize: Sequence[float] | None = None) -> Dataset:
     """MNIST from IDX files (raw or .gz) in ``root``, ``root/MNIST/raw`` (torchvision's layout)
-    or /usr/share/datasets/mnist; downloads with torchvision when allowed and nothing is found."""
-    return _load_idx_dataset("mnist", "MNIST", data_root(root), download, ("/usr/share/datasets/mnist",))
+    or /usr/share/datasets/mnist; downloads with torchvision when allowed and nothing is found.
+    Pixels in [0, 1], or standardised with ``normalize`` = [mean, std]."""
+    return _load_idx_dataset("mnist", "MNIST", data_root(root), download, ("/usr/share/datasets/mnist",), normalize)
 
 
-def load_fashion_mnist(*, root: str | None = None, download: bool = True) -> Dataset:
+def load_fashion_mnist(
+    *, root: str | None = None, download: bool = True, normalize: Sequence[float] | None = None
+) -> Dataset:
     """Fashion-MNIST from IDX files in ``root``, ``root/FashionMNIST/raw`` or
-    /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist package)."""
+    /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist package). Pixels in
+    [0, 1], or standardised with ``normalize`` = [mean, std]."""
     return _load_idx_dataset(
-        "fashion_mnist", "FashionMNIST", data_root(root), download, ("/usr/share/datasets/fashion-mnist",)
+        "fashion_mnist",
+        "FashionMNIST",
+        data_root(root),
+        download,
+        ("/usr/share/datasets/fashion-mnist",),
+        normalize,
     )
 
 

@@ -69,6 +69,16 @@ def test_fashion_mnist_reads_flat_gz_folder(tmp_path):
     assert ds.name == "fashion_mnist" and len(ds.y_train) == 12
 
 
+def test_normalize_standardises_the_pixels_and_refuses_a_bad_pair(tmp_path):
+    x_tr, _ = make_idx_set(tmp_path, gz=False)
+    ds = sources.load_mnist(root=str(tmp_path), download=False, normalize=[0.1307, 0.3081])
+    assert ds.x_train.dtype == np.float32
+    assert np.allclose(ds.x_train[:, 0], (x_tr / 255.0 - 0.1307) / 0.3081, atol=1e-5)
+    for bad in ([0.5], [0.1, 0.0], [0.1, float("nan")]):
+        with pytest.raises(ConfigError, match=r"dataset.normalize=.* must be \[mean, std\] with std > 0"):
+            sources.load_fashion_mnist(root=str(tmp_path), download=False, normalize=bad)
+
+
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed"
 )
