@@ -21,6 +21,18 @@ for SCAFFOLD-M) and keeps the vectorised cohort path. The two sides are equal in
 in float32 they differ by rounding (lr * beta and (1 - beta) / beta are rounded once each). At
 beta = 1 the step size is lr * 1.0 = lr and there is no momentum term, so the client is the parent's.
 
+Variance-reduced forms (``strategy=fedavg_m_vr``, ``scaffold_m_vr``): a local step replaces the
+fresh gradient by a STORM/MVR estimate that reuses the step's minibatch xi at the previous
+round's global model x_prev, which the server also sends:
+
+    FedAvg-M-VR:    y <- y - lr (g_i(y; xi) + (1 - beta) (g - g_i(x_prev; xi)))
+    SCAFFOLD-M-VR:  the same with every gradient corrected by c - c_i, i.e.
+                    y <- y - lr (g_i(y; xi) + (1 - beta) (g - g_i(x_prev; xi)) + beta (c - c_i))
+
+Two gradients per step, one node at a time (no cohort path). These rules are reconstructed from
+secondary descriptions of the paper, not from its text, which could not be read here
+(docs/methods/momentum.md); the first round, which has no x_prev, takes plain steps.
+
 The paper's K is the same on every node. Here K may differ per node (``epochs`` with unequal node
 sizes), so nodes also send their K (a one-number vector ``steps``, dense, as FedNova's) and the
 server divides by the weighted mean of the senders' K (with the update's weights); with
@@ -40,8 +52,8 @@ from fedsim.contract import RunFacts, Vector, linear_step
 from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 from fedsim.seeding import torch_rng
-from fedsim.types import ClientContext, NodeData, NodeState, RoundInfo, UpdateBatch
-from strategies.client import Correction, LocalSGD, full_gradient
+from fedsim.types import ClientContext, ClientResult, NodeData, NodeState, RoundInfo, UpdateBatch
+from strategies.client import Correction, LocalSGD, Tally, full_gradient, on_device
 from strategies.fedavg import FedAvg
 from strategies.scaffold import Scaffold, ScaffoldClient
 
@@ -153,6 +165,123 @@ class ScaffoldMomentumClient(MomentumStep, ScaffoldClient):
         return {"update": delta, "control": new - c_i, "steps": steps_vector(steps, delta)}, {"c": new}
 
 
+class VarianceReduced:
+    """The variance-reduced local loop shared by FedAvg-M-VR and SCAFFOLD-M-VR (see the module):
+    each step takes the minibatch gradient at the current model y and at the previous round's
+    global model x_prev (from the broadcast), and descends
+    g_i(y) + (1 - beta) (g - g_i(x_prev)) + beta * ``linear``. Without x_prev (the first round)
+    or at beta = 1 the step is plain SGD on g_i(y) + beta * ``linear``. Returns the client
+    result with ``finish``'s message and, for ``fresh_mean``, the mean of the fresh gradients."""
+
+    beta: float
+    eta: float
+
+    def check_vr(self) -> None:
+        if getattr(self, "weight_decay", 0.0) or getattr(self, "momentum", 0.0):
+            raise ConfigError(
+                "the variance-reduced momentum clients take no strategy.client.weight_decay or "
+                "strategy.client.momentum (the paper's step has neither)"
+            )
+
+    def vr_train(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        ctx: ClientContext,
+        linear: torch.Tensor | None,
+        loss_fn: Any,
+    ) -> tuple[Tally, torch.Tensor]:
+        """Runs the local steps (``model`` ends at the local model y); (the tally, the sum of the
+        fresh minibatch gradients)."""
+        sgd: Any = self
+        prev = (ctx.broadcast or {}).get("x_prev")
+        g = server_direction(ctx)
+        storm = prev is not None and self.beta < 1.0
+        gen = ctx.generator()
+        model.load(start)
+        flat, grad, module = model.flat, model.flat_grad, model.module
+        fresh_sum = torch.zeros_like(start)
+        tally = Tally(flat.device)
+        here = torch.empty_like(start) if storm else None
+        for idx in on_device(sgd._batches(len(data), gen), flat.device):
+            xb, yb = data.take(idx)
+            grad.zero_()
+            logits = module(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            with torch.no_grad():
+                direction = grad.clone()
+                fresh_sum.add_(direction)
+                tally.add(loss, logits, yb)
+            if storm:
+                assert here is not None and prev is not None
+                with torch.no_grad():
+                    here.copy_(flat)
+                    flat.copy_(prev)
+                grad.zero_()
+                loss_fn(module(xb), yb).backward()
+                with torch.no_grad():
+                    flat.copy_(here)
+                    direction.add_(g - grad, alpha=1.0 - self.beta)
+            with torch.no_grad():
+                if linear is not None:
+                    direction.add_(linear, alpha=self.beta)
+                flat.add_(direction, alpha=-self.eta)
+        return tally, fresh_sum
+
+
+class MomentumVRClient(VarianceReduced, MomentumClient):
+    """FedAvg-M-VR's node (see the module): local steps on g_i(y) + (1 - beta) (g - g_i(x_prev)),
+    at the step size ``lr`` itself. Sends its update and its number of local steps."""
+
+    vr = True
+
+    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(beta=beta, lr=lr, **kwargs)
+        self.check_vr()
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        if len(data) == 0:
+            return self.empty(model, start, state, ctx)
+        tally, _ = self.vr_train(model, start, data, ctx, None, lambda logits, y: self.loss(logits, y, state))
+        message, new_state = self.finish(model, start - model.flat, start, data, state, ctx)
+        return ClientResult(message, new_state, tally.metrics(), len(data))
+
+
+class ScaffoldMomentumVRClient(VarianceReduced, ScaffoldMomentumClient):
+    """SCAFFOLD-M-VR's node (see the module): local steps on
+    g_i(y) + (1 - beta) (g - g_i(x_prev)) + beta (c - c_i), at the step size ``lr``. Its new
+    control variate is the mean of its fresh minibatch gradients over the local steps (option
+    II; option I: the full local gradient at x, as SCAFFOLD's)."""
+
+    vr = True
+
+    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, option: str = "II", **kwargs: Any) -> None:
+        super().__init__(beta=beta, lr=lr, option=option, **kwargs)
+        self.check_vr()
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        if len(data) == 0:
+            return self.empty(model, start, state, ctx)
+        c, c_i = self.controls(start, state, ctx)
+        loss_fn = lambda logits, y: self.loss(logits, y, state)  # noqa: E731
+        tally, fresh_sum = self.vr_train(model, start, data, ctx, c - c_i, loss_fn)
+        delta = start - model.flat
+        steps = self.steps(len(data))
+        if self.option == "I":
+            with torch.enable_grad():
+                new = full_gradient(model, start, data, loss_fn)
+        else:
+            new = fresh_sum / steps
+        message = {"update": delta, "control": new - c_i, "steps": steps_vector(steps, delta)}
+        return ClientResult(message, {"c": new}, tally.metrics(), len(data))
+
+
 def next_direction(
     strategy: FedAvg,
     eta: float,
@@ -177,6 +306,21 @@ def next_direction(
     return g, steps_state, {"momentum/g_norm": float(g.norm()), "momentum/steps": k}
 
 
+def uses_prev(client: Any) -> bool:
+    """Whether the nodes' steps need the previous round's model (the variance-reduced forms)."""
+    return bool(getattr(client, "vr", False))
+
+
+def momentum_broadcast(state: dict[str, Any]) -> dict[str, Any]:
+    """g, and x_prev once there is one (the variance-reduced forms keep it; size 0 at first)."""
+    prev = state.get("x_prev")
+    return {"g": state["g"], **({"x_prev": prev} if prev is not None and prev.numel() else {})}
+
+
+def momentum_state(params: torch.Tensor, vr: bool) -> dict[str, Any]:
+    return {"g": torch.zeros_like(params), **({"x_prev": params.new_zeros(0)} if vr else {})}
+
+
 class FedAvgMomentum(FedAvg):
     """``strategy=fedavg_m``: FedAvg (any aggregator, pre-aggregators and server optimiser) with
     `MomentumClient` nodes and the server direction g (see the module). Weighted by examples by
@@ -188,14 +332,15 @@ class FedAvgMomentum(FedAvg):
             raise ConfigError("strategy=fedavg_m trains with its own client (strategies.momentum.MomentumClient)")
         super().__init__(client=client, **kwargs)
         self.eta = client.eta
+        self.vr = uses_prev(client)
         self.declare(message=(Vector("update"), Vector("steps", size=1, compress=False)), broadcast="vectors")
 
     def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
         state = super().init(params, facts)
-        return {**state, "g": torch.zeros_like(params), "steps_aggregator": self.aggregator.init()}
+        return {**state, **momentum_state(params, self.vr), "steps_aggregator": self.aggregator.init()}
 
     def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"g": state["g"]}
+        return momentum_broadcast(state)
 
     @linear_step
     def step(
@@ -213,6 +358,7 @@ class FedAvgMomentum(FedAvg):
             "aggregator": agg_state,
             "steps_aggregator": steps_state,
             "g": g,
+            **({"x_prev": params} if self.vr else {}),
         }
         return new_params, new_state, metrics
 
@@ -229,15 +375,16 @@ class ScaffoldMomentum(Scaffold):
             )
         super().__init__(client=client, **kwargs)
         self.eta = client.eta
+        self.vr = uses_prev(client)
         control = self.capabilities.message[1]
         self.declare(message=(Vector("update"), control, Vector("steps", size=1, compress=False)))
 
     def init(self, params: torch.Tensor, facts: RunFacts) -> dict[str, Any]:
         state = super().init(params, facts)
-        return {**state, "g": torch.zeros_like(params), "steps_aggregator": self.aggregator.init()}
+        return {**state, **momentum_state(params, self.vr), "steps_aggregator": self.aggregator.init()}
 
     def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"c": state["c"], "g": state["g"]}
+        return {"c": state["c"], **momentum_broadcast(state)}
 
     @linear_step
     def step(
@@ -245,4 +392,5 @@ class ScaffoldMomentum(Scaffold):
     ) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
         new_params, new_state, metrics, update, weights = self.scaffold_step(params, batch, state, info)
         g, steps_state, extra = next_direction(self, self.eta, update, batch, weights, state, info)
-        return new_params, {**new_state, "steps_aggregator": steps_state, "g": g}, {**metrics, **extra}
+        prev = {"x_prev": params} if self.vr else {}
+        return new_params, {**new_state, "steps_aggregator": steps_state, "g": g, **prev}, {**metrics, **extra}

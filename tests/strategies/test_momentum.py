@@ -233,3 +233,89 @@ def test_what_has_no_meaning_is_refused_with_one_line():
                 "~strategy.client.beta",
             )
         )
+
+
+# -- the variance-reduced forms ------------------------------------------------------------------
+
+
+def storm_step(model: FlatModel, start, data, g, prev, ctx, *, lr, beta, steps, batch_size, linear=None):
+    """K steps of y <- y - lr (grad(y) + (1 - beta)(g - grad(x_prev)) + beta * linear), with both
+    gradients on the step's minibatch, written out with a second copy of the model."""
+    client = MomentumClient(beta=beta, lr=lr, steps=steps, batch_size=batch_size)
+    other = FlatModel(build_model(MLP, (1, 8, 8), 10, seed=0))
+    other.load(prev)
+    model.load(start)
+    fresh_sum = torch.zeros_like(start)
+    for idx in client._batches(len(data), ctx.generator()):
+        xb, yb = data.take(idx)
+        model.flat_grad.zero_()
+        torch.nn.functional.cross_entropy(model.module(xb), yb).backward()
+        other.flat_grad.zero_()
+        torch.nn.functional.cross_entropy(other.module(xb), yb).backward()
+        with torch.no_grad():
+            fresh_sum += model.flat_grad
+            v = model.flat_grad + (1 - beta) * (g - other.flat_grad)
+            if linear is not None:
+                v = v + beta * linear
+            model.flat.sub_(lr * v)
+    return start - model.flat, fresh_sum / steps
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_the_variance_reduced_steps_are_the_storm_recursion(beta):
+    from strategies.momentum import MomentumVRClient, ScaffoldMomentumVRClient
+
+    model = FlatModel(build_model(MLP, (1, 8, 8), 10, seed=0))
+    start = model.vector().clone()
+    gen = torch.Generator().manual_seed(2)
+    g = 0.1 * torch.randn(start.numel(), generator=gen)
+    prev = start + 0.05 * torch.randn(start.numel(), generator=gen)
+    data = digits_nodes([40])[0]
+    ctx = ClientContext(round=2, node_id=0, seed=5, num_classes=10, broadcast={"g": g, "x_prev": prev})
+    ours = MomentumVRClient(beta=beta, lr=0.1, steps=5, batch_size=8)(model, start, data, None, ctx)
+    theirs, _ = storm_step(model, start, data, g, prev, ctx, lr=0.1, beta=beta, steps=5, batch_size=8)
+    assert torch.allclose(ours.message["update"], theirs, rtol=1e-5, atol=1e-6)
+    assert float(ours.message["steps"][0]) == 5 and 0 < ours.metrics["train/loss"]
+
+    c, c_i = 0.01 * torch.randn(start.numel(), generator=gen), 0.01 * torch.randn(start.numel(), generator=gen)
+    ctx = ClientContext(round=2, node_id=0, seed=5, num_classes=10, broadcast={"g": g, "c": c, "x_prev": prev})
+    result = ScaffoldMomentumVRClient(beta=beta, lr=0.1, steps=5, batch_size=8)(model, start, data, {"c": c_i}, ctx)
+    theirs, mean_fresh = storm_step(
+        model, start, data, g, prev, ctx, lr=0.1, beta=beta, steps=5, batch_size=8, linear=c - c_i
+    )
+    assert torch.allclose(result.message["update"], theirs, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(result.state["c"], mean_fresh, rtol=1e-5, atol=1e-6)  # option II: mean fresh gradient
+    assert torch.allclose(result.message["control"], mean_fresh - c_i, rtol=1e-5, atol=1e-6)
+
+    # without x_prev (the first round) the step is plain SGD on grad + beta * linear
+    ctx = ClientContext(round=0, node_id=0, seed=5, num_classes=10, broadcast={"g": g})
+    first = MomentumVRClient(beta=beta, lr=0.1, steps=5, batch_size=8)(model, start, data, None, ctx)
+    plain, _ = storm_step(model, start, data, g, start, ctx, lr=0.1, beta=1.0, steps=5, batch_size=8)
+    assert torch.allclose(first.message["update"], plain, rtol=1e-5, atol=1e-6)
+
+
+def test_variance_reduced_runs_at_beta_1_are_the_parents_and_keep_the_previous_model():
+    """beta = 1 drops the correction: FedAvg-M-VR is FedAvg (same steps at lr), SCAFFOLD-M-VR is
+    SCAFFOLD with option II's mean minibatch gradient (to rounding: SCAFFOLD recovers it from
+    the update). Below 1 the run differs, and the server keeps x_prev = the last model."""
+    setting = ["nodes_per_round=4", "rounds=3", "strategy.client.steps=3"]
+    fedavg = simulate(*setting, "strategy=fedavg")
+    vr = simulate(*setting, "strategy=fedavg_m_vr", "strategy.client.beta=1")
+    assert torch.allclose(fedavg.params, vr.params, rtol=0, atol=1e-6)
+    scaffold = simulate(*setting, "strategy=scaffold")
+    svr = simulate(*setting, "strategy=scaffold_m_vr", "strategy.client.beta=1")
+    assert torch.allclose(scaffold.params, svr.params, rtol=1e-4, atol=1e-5)
+    below = simulate(*setting, "strategy=fedavg_m_vr", "strategy.client.beta=0.5")
+    assert not torch.allclose(fedavg.params, below.params) and torch.isfinite(below.params).all()
+    prev = below.strategy_state["x_prev"]
+    assert prev.shape == below.params.shape and not torch.equal(prev, below.params)
+
+
+def test_variance_reduced_clients_refuse_what_their_step_lacks_and_say_they_run_one_at_a_time():
+    with pytest.raises(ConfigError, match="take no strategy.client.weight_decay or strategy.client.momentum"):
+        build(compose(*SKEWED, "strategy=fedavg_m_vr", "strategy.client.momentum=0.5"))
+    sim = build(compose(*SKEWED, "strategy=scaffold_m_vr", "cluster.vectorize=true"))
+    try:
+        assert "overrides __call__" in sim.info()["vectorize"]
+    finally:
+        sim.close()
