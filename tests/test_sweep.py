@@ -457,10 +457,24 @@ def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settin
     changed = sweep(*base, "variant=c,e", "rounds=4")
     lines = changed.stderr.strip().splitlines()
     assert changed.returncode == 2 and len(lines) == 1, changed.stderr
-    assert f"the job folder {d / 'variant=c'} holds a run with other overrides" in lines[0]
+    assert f"the job folder {d / 'variant=c'} holds a run with other settings" in lines[0]
     assert "rounds=3 there, rounds=4 now" in lines[0] and "another hydra.sweep.dir" in lines[0]
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == saved
     assert not (d / "variant=e").exists()
+
+    # the same overrides, but the config they compose to has changed since (an edited experiment
+    # YAML; here the finished job's saved config says so): stopped the same way, naming the key
+    saved_config = d / "variant=c" / ".hydra" / "config.yaml"
+    text = saved_config.read_text()
+    assert "\nrounds: 3\n" in text
+    saved_config.write_text(text.replace("\nrounds: 3\n", "\nrounds: 5\n"))
+    saved = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    edited = sweep(*base, "variant=c,d")
+    lines = edited.stderr.strip().splitlines()
+    assert edited.returncode == 2 and len(lines) == 1, edited.stderr
+    assert f"the job folder {d / 'variant=c'} holds a run with other settings" in lines[0]
+    assert "its config has rounds=5, this sweep's rounds=3" in lines[0]
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == saved
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ the variant last), so that running the same sweep again:
 - resumes unfinished jobs that have a checkpoint (``resume=true``);
 - runs the rest;
 
-and stops before anything runs when a job it would skip or resume ran with other overrides.
+and stops before anything runs when a job it would skip or resume ran with other settings: other
+overrides, or another config composed from the same overrides (an edited experiment or group YAML).
 
 Drivers cooperate: the same sweep started more than once on one sweep folder (from two terminals,
 or on several machines that share the filesystem) splits its jobs. A job is claimed when it is
@@ -206,6 +207,10 @@ class FedsimSweeper(Sweeper):
             done = finished(run_dir)
             resumable = not done and any((run_dir / "checkpoints").glob("step-*.pt"))
             difference = _difference(run_dir, overrides) if done or resumable else None
+            if (done or resumable) and not difference:  # the same overrides; the YAML files may have changed
+                difference = _config_difference(
+                    run_dir, lambda o=overrides: self.hydra_context.config_loader.load_sweep_config(self.config, o)
+                )
             if difference:
                 changed.append((run_dir, difference))
                 continue
@@ -223,7 +228,7 @@ class FedsimSweeper(Sweeper):
             run_dir, difference = changed[0]
             more = f" (and {len(changed) - 1} more job folders)" if len(changed) > 1 else ""
             _exit_with(
-                f"the job folder {run_dir} holds a run with other overrides than this sweep gives it{more}: "
+                f"the job folder {run_dir} holds a run with other settings than this sweep gives it{more}: "
                 f"{difference}; use another hydra.sweep.dir, or remove that job's folder to run it again"
             )
         if failed and not todo and not skipped:  # nothing can run: a usage error, as for a single run
@@ -367,6 +372,48 @@ def _difference(run_dir: Path, overrides: list[str]) -> str | None:
         return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in diffs)
 
     return f"{side(before)} there, {side(now)} now"
+
+
+def _computing(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A composed config as dotted key -> value (interpolations unresolved), without what only
+    says where or how a run executes or what it logs (as `settings` leaves out of overrides)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if not prefix and str(key) in ("hydra", "resume", "overwrite", "logger", "checkpoint", "divergence"):
+            continue
+        if _placement(name):
+            continue
+        if isinstance(value, dict):
+            out.update(_computing(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _config_difference(run_dir: Path, compose: Any) -> str | None:
+    """How the config a job's folder ran with (``.hydra/config.yaml``) differs from the one this
+    sweep composes for it now (``compose()``) in what it computes: a changed experiment or group
+    YAML, not only changed overrides. A key that one side lacks and the other has as null is a new
+    option at its default, not a difference. None when equal, or when the folder holds no run."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        before = _computing(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        now = _computing(OmegaConf.to_container(compose(), resolve=False))
+    except Exception:  # noqa: BLE001 - a config that does not compose fails later, as that job's error
+        return None
+    keys = [*before, *(k for k in now if k not in before)]
+    diffs = [k for k in keys if before.get(k) != now.get(k)]
+    if not diffs:
+        return None
+
+    def side(values: dict[str, Any]) -> str:
+        return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in diffs[:3])
+
+    more = f" (and {len(diffs) - 3} more keys)" if len(diffs) > 3 else ""
+    return f"its config has {side(before)}, this sweep's {side(now)}{more}"
 
 
 def _plain(node: Any) -> Any:
