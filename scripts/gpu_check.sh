@@ -22,6 +22,9 @@
 #   cpu_vs_gpu     the same short run on cpu and on cuda: final eval/acc and eval/loss, and the
 #                  largest parameter difference of the saved models, within tolerances
 #   aggregators    scripts/bench_aggregators.py at n = 100, d = 11.2M on cuda
+#   lstm           LEAF's stacked LSTM (hidden 256) on Shakespeare-shaped data (plays generated
+#                  here, natural partition): two identical runs on cuda give equal params_sha256,
+#                  and the same run on cpu agrees (eval/acc, eval/loss, parameters)
 # and prints one JSON summary on its last line (also written to $OUT/gpu_check.json when OUT is
 # set). Exit status: 0 when every part passed, 1 otherwise (the W3/W4 targets are reported as
 # meets_target, not part of passing). PYTHON (default python3) chooses the interpreter.
@@ -242,6 +245,51 @@ def aggregators():
     return {"status": "fail" if failed else "pass", "d": res["d"], "seconds_per_rule": res["seconds"], "seconds": s}
 
 
+def lstm():
+    """LEAF's LSTM on cuda: determinism and agreement with the CPU on generated plays."""
+    from fedsim.data import shakespeare as shk
+    from tests.data.natural_fixtures import write_plays
+
+    root = WORK / "shakespeare"
+    roles = shk.build_roles(shk.read_plays(write_plays(root / "plays")))
+    shk.write_cache(roles, shk.cache_path(str(root / "data")), source="generated plays")
+    args = [
+        "cluster=local", "logger=jsonl", "dataset=shakespeare", f"dataset.root={root / 'data'}", "dataset.seq_len=8",
+        "partition=natural", "partition.train_fraction=0.6", "model=lstm", "num_nodes=4", "nodes_per_round=4",
+        "rounds=3", "eval_every=0", "strategy.client.lr=0.8", "strategy.client.batch_size=10",
+    ]
+
+    def one(tag, device):
+        folder = WORK / tag
+        cmd = [PY, "-m", "fedsim", *args, f"cluster.device={device}", f"server.device={device}", f"hydra.run.dir={folder}"]
+        rc, out, err, s = run(tag, cmd, 60)
+        if rc != 0:
+            raise RuntimeError(f"{tag}: rc {rc}: {tail(err)}")
+        records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        return next(r for r in reversed(records) if r.get("event") == "run_end"), folder / "model.pt", s
+
+    import torch
+
+    a, a_model, sa = one("lstm_a", DEV)
+    b, _, sb = one("lstm_b", DEV)
+    c, c_model, sc = one("lstm_cpu", "cpu")
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["params"]  # noqa: E731
+    pa, pc = load(a_model), load(c_model)
+    rel = float((pa - pc).norm() / pc.norm().clamp(min=1e-30))
+    d_acc = abs(a["eval/acc"] - c["eval/acc"])
+    d_loss = abs(a["eval/loss"] - c["eval/loss"]) / max(abs(c["eval/loss"]), 1e-12)
+    equal = a["params_sha256"] == b["params_sha256"]
+    ok = equal and d_acc <= TOL["acc_abs"] and d_loss <= TOL["loss_rel"] and rel <= TOL["param_rel_l2"]
+    return {
+        "status": "pass" if ok else "fail",
+        "deterministic": equal,
+        "acc": [c["eval/acc"], a["eval/acc"]],
+        "loss": [c["eval/loss"], a["eval/loss"]],
+        "param_rel_l2_diff": rel,
+        "seconds": [sa, sb, sc],
+    }
+
+
 # W3 and W4 on the GPU at their size, few rounds; on the CPU (dry run) tiny
 TINY_W3 = [] if GPU else ["num_nodes=100", "dataset.n_train=5000", "dataset.n_test=500"]
 W3_ROUNDS = ["--rounds", "8", "--warmup", "2"] if GPU else ["--rounds", "2", "--warmup", "1"]
@@ -260,6 +308,7 @@ PARTS = {
     "w4": lambda: bench("w4", ["--workload", "w4", *W4_ARGS], 0.9, 240),
     "pytest": pytest_gpu,
     "aggregators": aggregators,
+    "lstm": lstm,
 }
 # GPU_CHECK_PARTS=w3,w4 runs some parts only (a rerun after a fix), in this order
 chosen = [p for p in os.environ.get("GPU_CHECK_PARTS", ",".join(PARTS)).split(",") if p]
