@@ -175,13 +175,34 @@ class VarianceReduced:
 
     beta: float
     eta: float
+    vr = True
 
-    def check_vr(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if getattr(self, "weight_decay", 0.0) or getattr(self, "momentum", 0.0):
             raise ConfigError(
                 "the variance-reduced momentum clients take no strategy.client.weight_decay or "
                 "strategy.client.momentum (the paper's step has neither)"
             )
+
+    def __call__(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    ) -> ClientResult:
+        client: Any = self
+        if len(data) == 0:
+            return client.empty(model, start, state, ctx)
+        return self.vr_result(model, start, data, state, ctx, lambda logits, y: client.loss(logits, y, state))
+
+    def vr_result(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+        loss_fn: Any,
+    ) -> ClientResult:
+        raise NotImplementedError
 
     def vr_train(
         self,
@@ -235,18 +256,16 @@ class MomentumVRClient(VarianceReduced, MomentumClient):
     """FedAvg-M-VR's node (see the module): local steps on g_i(y) + (1 - beta) (g - g_i(x_prev)),
     at the step size ``lr`` itself. Sends its update and its number of local steps."""
 
-    vr = True
-
-    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, **kwargs: Any) -> None:
-        super().__init__(beta=beta, lr=lr, **kwargs)
-        self.check_vr()
-
-    def __call__(
-        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    def vr_result(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+        loss_fn: Any,
     ) -> ClientResult:
-        if len(data) == 0:
-            return self.empty(model, start, state, ctx)
-        tally, _ = self.vr_train(model, start, data, ctx, None, lambda logits, y: self.loss(logits, y, state))
+        tally, _ = self.vr_train(model, start, data, ctx, None, loss_fn)
         message, new_state = self.finish(model, start - model.flat, start, data, state, ctx)
         return ClientResult(message, new_state, tally.metrics(), len(data))
 
@@ -257,19 +276,16 @@ class ScaffoldMomentumVRClient(VarianceReduced, ScaffoldMomentumClient):
     control variate is the mean of its fresh minibatch gradients over the local steps (option
     II; option I: the full local gradient at x, as SCAFFOLD's)."""
 
-    vr = True
-
-    def __init__(self, *, beta: float = 0.1, lr: float = 0.05, option: str = "II", **kwargs: Any) -> None:
-        super().__init__(beta=beta, lr=lr, option=option, **kwargs)
-        self.check_vr()
-
-    def __call__(
-        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None, ctx: ClientContext
+    def vr_result(
+        self,
+        model: FlatModel,
+        start: torch.Tensor,
+        data: NodeData,
+        state: NodeState | None,
+        ctx: ClientContext,
+        loss_fn: Any,
     ) -> ClientResult:
-        if len(data) == 0:
-            return self.empty(model, start, state, ctx)
         c, c_i = self.controls(start, state, ctx)
-        loss_fn = lambda logits, y: self.loss(logits, y, state)  # noqa: E731
         tally, fresh_sum = self.vr_train(model, start, data, ctx, c - c_i, loss_fn)
         delta = start - model.flat
         steps = self.steps(len(data))
