@@ -319,3 +319,32 @@ def test_variance_reduced_clients_refuse_what_their_step_lacks_and_say_they_run_
         assert "overrides __call__" in sim.info()["vectorize"]
     finally:
         sim.close()
+
+
+def test_the_downlink_counts_g_and_x_prev():
+    """Per round and node the model, g, and from round 1 on x_prev: 1, 2, 3 times 4 d bytes."""
+    from fedsim.simulation import build as build_sim
+
+    def per_round(strategy: str) -> list[int]:
+        totals: list[int] = []
+
+        class Totals:
+            def on_run_start(self, meta) -> None: ...
+            def on_warning(self, round_: int, message: str) -> None: ...
+            def on_round_end(self, round_: int, metrics: dict) -> None:
+                totals.append(int(metrics["comm/bytes_down_total"]))
+
+            def on_run_end(self, summary: dict) -> None: ...
+
+        set_driver_threads(1)
+        sim = build_sim(compose(*SKEWED, "rounds=3", "nodes_per_round=5", f"strategy={strategy}"))
+        try:
+            sim.run([Totals()])
+            d = sim.num_params
+        finally:
+            sim.close()
+        return [(b - a) // (5 * 4 * d) for a, b in zip([0, *totals], totals)]
+
+    assert per_round("fedavg") == [1, 1, 1]
+    assert per_round("fedavg_m") == [2, 2, 2]
+    assert per_round("fedavg_m_vr") == [2, 3, 3]
