@@ -38,6 +38,26 @@ def ray_cluster():
     cluster.shutdown()
 
 
+class Recorder:
+    """A run callback keeping every round's metrics (``rounds``, in order); the other callback
+    hooks do nothing."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict] = []
+
+    def on_run_start(self, meta) -> None:
+        pass
+
+    def on_warning(self, round_: int, message: str) -> None:
+        pass
+
+    def on_round_end(self, round_: int, metrics: dict) -> None:
+        self.rounds.append(dict(metrics))
+
+    def on_run_end(self, summary: dict) -> None:
+        pass
+
+
 def compose(*overrides: str):
     """The composed config for ``overrides``, as the CLI would build it (outside a Hydra run)."""
     from hydra import compose as hydra_compose

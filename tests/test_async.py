@@ -12,7 +12,7 @@ from fedsim.errors import ConfigError
 from fedsim.faults.latency import Data, Exponential, Linear, LogNormal
 from fedsim.simulation import build, set_driver_threads
 from strategies.asynchronous import staleness_weight
-from tests.conftest import compose
+from tests.conftest import Recorder, compose
 
 BASE = [
     "cluster=local",
@@ -31,14 +31,9 @@ BASE = [
 def record(*overrides: str):
     set_driver_threads(1)
     sim = build(compose(*BASE, *overrides))
-    rows = []
-
-    class Keep:
-        def on_round_end(self, t, m):
-            rows.append(m)
-
-    state, summary = sim.run([Keep()])
-    return sim, state, summary, rows
+    record = Recorder()
+    state, summary = sim.run([record])
+    return sim, state, summary, record.rounds
 
 
 def test_event_order_and_staleness_by_hand():
@@ -148,13 +143,9 @@ def test_robust_buffer_with_attack_and_partial_concurrency_learns():
         )
     )
     before = sim.evaluator(sim.state.params)["eval/acc"]
-    rows = []
-
-    class Keep:
-        def on_round_end(self, t, m):
-            rows.append(m)
-
-    _, summary = sim.run([Keep()])
+    record = Recorder()
+    _, summary = sim.run([record])
+    rows = record.rounds
     assert summary["eval/acc"] > before + 0.3
     assert any(m.get("attack/byzantine_rows", 0) > 0 for m in rows)
     assert max(m["async/in_flight"] for m in rows) <= 6

@@ -31,7 +31,7 @@ from fedsim.seeding import np_rng
 from fedsim.simulation import build, make_attack
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.aggregators import Mean, TrimmedMean
-from tests.conftest import compose
+from tests.conftest import Recorder, compose
 
 H = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])
 MEAN = H.mean(0)
@@ -245,13 +245,9 @@ def test_sync_run_with_update_attack_reports_byzantine_rows():
     sim = build(
         compose(*digits_overrides("strategy=robust", "attack=alie", "byzantine.num=3", "strategy.preaggregators=[nnm]"))
     )
-    metrics = []
-
-    class Keep:
-        def on_round_end(self, t, m):
-            metrics.append(m)
-
-    state, summary = sim.run([Keep()])
+    record = Recorder()
+    state, summary = sim.run([record])
+    metrics = record.rounds
     assert all(m["attack/byzantine_rows"] == 3 for m in metrics)
     assert 0.0 <= summary["eval/acc"] <= 1.0
     assert len(sim.byzantine.ids) == 3

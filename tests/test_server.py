@@ -9,20 +9,11 @@ import torch
 
 from fedsim.errors import FedsimError
 from fedsim.execution.local import LocalExecutor
-from fedsim.logging import Callback
 from fedsim.simulation import build, set_driver_threads
 from strategies.client import LocalSGD
-from tests.conftest import compose
+from tests.conftest import Recorder, compose
 
 BASE = ["cluster=local", "num_nodes=6", "nodes_per_round=3", "rounds=4"]
-
-
-class Recorder(Callback):
-    def __init__(self) -> None:
-        self.rounds: list[dict] = []
-
-    def on_round_end(self, round_, metrics):
-        self.rounds.append(dict(metrics))
 
 
 def test_eval_schedule_comm_accounting_and_sampling():

@@ -11,31 +11,22 @@ import pytest
 import torch
 
 from fedsim.errors import ConfigError
-from fedsim.logging import Callback
 from fedsim.models import LogisticRegression, build_model
 from fedsim.params import FlatModel
 from fedsim.simulation import build, set_driver_threads
 from fedsim.types import ClientContext, Layout, NodeData, RoundInfo, UpdateBatch
 from strategies.client import LocalSGD
 from strategies.fedamd import AnchorSchedule, FedAMD, FedAMDClient
-from tests.conftest import compose, run_facts
+from tests.conftest import Recorder, compose, run_facts
 
 DIGITS = ["dataset=digits", "model=logreg", "num_nodes=10", "cluster=local", "eval_every=0", "seed=3"]
-
-
-class Record(Callback):
-    def __init__(self) -> None:
-        self.rounds: list[dict] = []
-
-    def on_round_end(self, round_: int, metrics: dict) -> None:
-        self.rounds.append(dict(metrics))
 
 
 def simulate(*overrides: str):
     set_driver_threads(1)
     sim = build(compose(*DIGITS, "strategy=fedamd", *overrides))
     start = sim.state.params.clone()
-    record = Record()
+    record = Recorder()
     try:
         state, summary = sim.run([record])
         return sim, start, state, record.rounds

@@ -13,7 +13,7 @@ from fedsim.state import PersistentMap
 from fedsim.types import RoundInfo, UpdateBatch
 from strategies.client import LocalSGD
 from strategies.fedau import MIFA, FedAU, KnownProb, estimator_update
-from tests.conftest import compose, run_facts
+from tests.conftest import Recorder, compose, run_facts
 
 
 def batch_of(ids: list[int], rows: torch.Tensor) -> UpdateBatch:
@@ -134,13 +134,9 @@ def test_fedau_in_a_real_run_tracks_one_over_p():
     sim = build(
         compose(*SIM, "strategy=fedau", "participation=bernoulli", "participation.p=0.3", "participation.p_min=0.1")
     )
-    rec = []
-
-    class Keep:
-        def on_round_end(self, t, m):
-            rec.append(m)
-
-    state, _ = sim.run([Keep()])
+    record = Recorder()
+    state, _ = sim.run([record])
+    rec = record.rounds
     probs = sim.participation.probabilities()
     assert np.array_equal(state.strategy_state["probs"], probs)
     counts = [m["train/participants"] for m in rec]

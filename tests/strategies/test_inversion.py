@@ -16,7 +16,7 @@ from fedsim.simulation import build, set_driver_threads
 from fedsim.types import NodeData, RoundInfo, UpdateBatch
 from strategies.client import LocalSGD
 from strategies.inversion import Inversion, Unrolled, invert, milestones
-from tests.conftest import compose, run_facts
+from tests.conftest import Recorder, compose, run_facts
 
 
 @pytest.fixture(autouse=True)
@@ -203,17 +203,12 @@ BASE = [
 def _run(*overrides: str):
     set_driver_threads(1)
     sim = build(compose(*BASE, *overrides))
-    rows = []
-
-    class Keep:
-        def on_round_end(self, t, m):
-            rows.append(m)
-
+    record = Recorder()
     try:
-        state, summary = sim.run([Keep()])  # type: ignore[list-item]
+        state, summary = sim.run([record])
     finally:
         sim.close()
-    return state.params, summary, rows
+    return state.params, summary, record.rounds
 
 
 def test_end_to_end_deterministic_and_inverts_the_delayed_node():

@@ -14,7 +14,7 @@ from fedsim.params import FlatModel
 from fedsim.simulation import build, set_driver_threads
 from fedsim.types import ClientContext
 from strategies.momentum import MomentumClient, ScaffoldMomentumClient
-from tests.conftest import compose
+from tests.conftest import Recorder, compose
 from tests.execution.test_cohort import digits_nodes, one_at_a_time
 
 SKEWED = [
@@ -326,23 +326,15 @@ def test_the_downlink_counts_g_and_x_prev():
     from fedsim.simulation import build as build_sim
 
     def per_round(strategy: str) -> list[int]:
-        totals: list[int] = []
-
-        class Totals:
-            def on_run_start(self, meta) -> None: ...
-            def on_warning(self, round_: int, message: str) -> None: ...
-            def on_round_end(self, round_: int, metrics: dict) -> None:
-                totals.append(int(metrics["comm/bytes_down_total"]))
-
-            def on_run_end(self, summary: dict) -> None: ...
-
+        record = Recorder()
         set_driver_threads(1)
         sim = build_sim(compose(*SKEWED, "rounds=3", "nodes_per_round=5", f"strategy={strategy}"))
         try:
-            sim.run([Totals()])
+            sim.run([record])
             d = sim.num_params
         finally:
             sim.close()
+        totals = [int(m["comm/bytes_down_total"]) for m in record.rounds]
         return [(b - a) // (5 * 4 * d) for a, b in zip([0, *totals], totals)]
 
     assert per_round("fedavg") == [1, 1, 1]
