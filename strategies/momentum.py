@@ -53,7 +53,7 @@ from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 from fedsim.seeding import torch_rng
 from fedsim.types import ClientContext, ClientResult, NodeData, NodeState, RoundInfo, UpdateBatch
-from strategies.client import Correction, LocalSGD, Tally, full_gradient, on_device
+from strategies.client import Correction, LocalSGD, Tally, on_device
 from strategies.fedavg import FedAvg
 from strategies.scaffold import Scaffold, ScaffoldClient
 
@@ -155,8 +155,7 @@ class ScaffoldMomentumClient(MomentumStep, ScaffoldClient):
         if len(data) == 0:
             return {"update": delta, "control": torch.zeros_like(delta), "steps": steps_vector(0, delta)}, state
         if self.option == "I":
-            with torch.enable_grad():
-                new = full_gradient(model, start, data, lambda logits, y: self.loss(logits, y, state))
+            new = self.full_control(model, start, data, state)
         else:
             mean = delta / (steps * self.eta)  # the mean local direction
             if self.beta != 1.0:
@@ -170,8 +169,8 @@ class VarianceReduced:
     each step takes the minibatch gradient at the current model y and at the previous round's
     global model x_prev (from the broadcast), and descends
     g_i(y) + (1 - beta) (g - g_i(x_prev)) + beta * ``linear``. Without x_prev (the first round)
-    or at beta = 1 the step is plain SGD on g_i(y) + beta * ``linear``. Returns the client
-    result with ``finish``'s message and, for ``fresh_mean``, the mean of the fresh gradients."""
+    or at beta = 1 the step is plain SGD on g_i(y) + beta * ``linear``. Each client builds its
+    result from the tally and the sum of the fresh gradients (``vr_result``)."""
 
     beta: float
     eta: float
@@ -289,11 +288,7 @@ class ScaffoldMomentumVRClient(VarianceReduced, ScaffoldMomentumClient):
         tally, fresh_sum = self.vr_train(model, start, data, ctx, c - c_i, loss_fn)
         delta = start - model.flat
         steps = self.steps(len(data))
-        if self.option == "I":
-            with torch.enable_grad():
-                new = full_gradient(model, start, data, loss_fn)
-        else:
-            new = fresh_sum / steps
+        new = self.full_control(model, start, data, state) if self.option == "I" else fresh_sum / steps
         message = {"update": delta, "control": new - c_i, "steps": steps_vector(steps, delta)}
         return ClientResult(message, {"c": new}, tally.metrics(), len(data))
 

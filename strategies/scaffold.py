@@ -75,11 +75,17 @@ class ScaffoldClient(LocalSGD):
         if len(data) == 0:
             return {"update": delta, "control": torch.zeros_like(delta)}, state
         if self.option == "I":
-            with torch.enable_grad():
-                new = full_gradient(model, start, data, lambda logits, y: self.loss(logits, y, state))
+            new = self.full_control(model, start, data, state)
         else:
             new = c_i - c + delta / (self.steps(len(data)) * self.lr)
         return {"update": delta, "control": new - c_i}, {"c": new}
+
+    def full_control(
+        self, model: FlatModel, start: torch.Tensor, data: NodeData, state: NodeState | None
+    ) -> torch.Tensor:
+        """Option I's new control variate: the node's full local gradient at the model it received."""
+        with torch.enable_grad():
+            return full_gradient(model, start, data, lambda logits, y: self.loss(logits, y, state))
 
 
 class Scaffold(FedAvg):
