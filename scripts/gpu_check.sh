@@ -174,11 +174,11 @@ SHORT = [
 ]
 
 
-def fedsim_run(tag, device, extra=()):
-    """One short CLI run into WORK/tag; its run_end record and model.pt."""
+def fedsim_run(tag, device, extra=(), base=SHORT, limit_s=45):
+    """One short CLI run (``base``, default SHORT) into WORK/tag; its run_end record and model.pt."""
     folder = WORK / tag
-    cmd = [PY, "-m", "fedsim", *SHORT, f"cluster.device={device}", f"server.device={device}", *extra]
-    rc, out, err, s = run(tag, [*cmd, f"hydra.run.dir={folder}"], 45)
+    cmd = [PY, "-m", "fedsim", *base, f"cluster.device={device}", f"server.device={device}", *extra]
+    rc, out, err, s = run(tag, [*cmd, f"hydra.run.dir={folder}"], limit_s)
     if rc != 0:
         raise RuntimeError(f"{tag}: rc {rc}: {tail(err)}")
     records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -205,8 +205,6 @@ TOL = {"acc_abs": 0.02, "loss_rel": 0.01, "param_rel_l2": 1e-3}
 
 
 def cpu_vs_gpu():
-    import torch
-
     # the GPU side is determinism's first run where it exists (the same command)
     gpu_dir = WORK / "det_one_at_a_time_a"
     if (gpu_dir / "model.pt").exists():
@@ -215,19 +213,25 @@ def cpu_vs_gpu():
     else:
         g, g_model, _ = fedsim_run("cvg_gpu", DEV)
     c, c_model, _ = fedsim_run("cvg_cpu", "cpu")
+    ok, out = agreement(c, c_model, g, g_model)
+    return {"status": "pass" if ok else "fail", **out}
+
+
+def agreement(c, c_model, g, g_model):
+    """(within TOL, the figures) for a cpu run and a gpu run: their run_end records and model.pt."""
+    import torch
+
     load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["params"]  # noqa: E731
     pc, pg = load(c_model), load(g_model)
-    diff = float((pc - pg).abs().max())
     rel = float((pc - pg).norm() / pc.norm().clamp(min=1e-30))
     d_acc = abs(c["eval/acc"] - g["eval/acc"])
     d_loss = abs(c["eval/loss"] - g["eval/loss"]) / max(abs(c["eval/loss"]), 1e-12)
     ok = d_acc <= TOL["acc_abs"] and d_loss <= TOL["loss_rel"] and rel <= TOL["param_rel_l2"]
-    return {
-        "status": "pass" if ok else "fail",
+    return ok, {
         "acc": [c["eval/acc"], g["eval/acc"]],
         "loss": [c["eval/loss"], g["eval/loss"]],
         "loss_rel_diff": d_loss,
-        "max_abs_param_diff": diff,
+        "max_abs_param_diff": float((pc - pg).abs().max()),
         "param_rel_l2_diff": rel,
         "tolerances": TOL,
     }
@@ -259,35 +263,12 @@ def lstm():
         "rounds=3", "eval_every=0", "strategy.client.lr=0.8", "strategy.client.batch_size=10",
     ]
 
-    def one(tag, device):
-        folder = WORK / tag
-        cmd = [PY, "-m", "fedsim", *args, f"cluster.device={device}", f"server.device={device}", f"hydra.run.dir={folder}"]
-        rc, out, err, s = run(tag, cmd, 60)
-        if rc != 0:
-            raise RuntimeError(f"{tag}: rc {rc}: {tail(err)}")
-        records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        return next(r for r in reversed(records) if r.get("event") == "run_end"), folder / "model.pt", s
-
-    import torch
-
-    a, a_model, sa = one("lstm_a", DEV)
-    b, _, sb = one("lstm_b", DEV)
-    c, c_model, sc = one("lstm_cpu", "cpu")
-    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["params"]  # noqa: E731
-    pa, pc = load(a_model), load(c_model)
-    rel = float((pa - pc).norm() / pc.norm().clamp(min=1e-30))
-    d_acc = abs(a["eval/acc"] - c["eval/acc"])
-    d_loss = abs(a["eval/loss"] - c["eval/loss"]) / max(abs(c["eval/loss"]), 1e-12)
+    a, a_model, sa = fedsim_run("lstm_a", DEV, base=args, limit_s=60)
+    b, _, sb = fedsim_run("lstm_b", DEV, base=args, limit_s=60)
+    c, c_model, sc = fedsim_run("lstm_cpu", "cpu", base=args, limit_s=60)
+    ok, out = agreement(c, c_model, a, a_model)
     equal = a["params_sha256"] == b["params_sha256"]
-    ok = equal and d_acc <= TOL["acc_abs"] and d_loss <= TOL["loss_rel"] and rel <= TOL["param_rel_l2"]
-    return {
-        "status": "pass" if ok else "fail",
-        "deterministic": equal,
-        "acc": [c["eval/acc"], a["eval/acc"]],
-        "loss": [c["eval/loss"], a["eval/loss"]],
-        "param_rel_l2_diff": rel,
-        "seconds": [sa, sb, sc],
-    }
+    return {"status": "pass" if ok and equal else "fail", "deterministic": equal, **out, "seconds": [sa, sb, sc]}
 
 
 # W3 and W4 on the GPU at their size, few rounds; on the CPU (dry run) tiny

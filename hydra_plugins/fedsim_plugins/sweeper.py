@@ -367,11 +367,12 @@ def _difference(run_dir: Path, overrides: list[str]) -> str | None:
     diffs = [k for k in keys if before.get(k) != now.get(k)]
     if not diffs:
         return None
+    return f"{_side(before, diffs)} there, {_side(now, diffs)} now"
 
-    def side(values: dict[str, str]) -> str:
-        return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in diffs)
 
-    return f"{side(before)} there, {side(now)} now"
+def _side(values: dict[str, Any], keys: list[str]) -> str:
+    """``keys`` as they are in ``values``: "k=v" each, or "no k" where it has none."""
+    return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in keys)
 
 
 def _computing(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -408,12 +409,8 @@ def _config_difference(run_dir: Path, compose: Any) -> str | None:
     diffs = [k for k in keys if before.get(k) != now.get(k)]
     if not diffs:
         return None
-
-    def side(values: dict[str, Any]) -> str:
-        return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in diffs[:3])
-
     more = f" (and {len(diffs) - 3} more keys)" if len(diffs) > 3 else ""
-    return f"its config has {side(before)}, this sweep's {side(now)}{more}"
+    return f"its config has {_side(before, diffs[:3])}, this sweep's {_side(now, diffs[:3])}{more}"
 
 
 def _plain(node: Any) -> Any:
