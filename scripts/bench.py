@@ -252,17 +252,23 @@ def split_window(rounds: list[tuple[float, list[float]]], window: float, samples
     }
 
 
-def bare_worker(cfg_overrides: list[str], nodes: list[int], start_params, loop: str, barrier, queue) -> None:
+def bare_worker(
+    cfg_overrides: list[str], nodes: list[int], start_params, loop: str, retain: bool, barrier, queue
+) -> None:
     """One bare process over its share of node-rounds. ``loop="torch"``: a plain PyTorch loop
     (torch.optim.SGD); ``loop="fedsim"``: fedsim's own LocalSGD inner loop called directly, with
-    no worker, executor, Ray or server around it (isolates the simulator's overhead)."""
+    no worker, executor, Ray or server around it (isolates the simulator's overhead). ``retain``:
+    the process keeps freed memory as fedsim's workers do (`fedsim.execution.malloc`)."""
     import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate
 
+    from fedsim.execution.malloc import retain_freed_memory
     from fedsim.seeding import np_rng
 
     torch.set_num_threads(1)
+    if retain:
+        retain_freed_memory()
     cfg = compose(cfg_overrides)
     ds = instantiate(cfg.dataset)
     partitioner = instantiate(cfg.partition)
@@ -446,7 +452,7 @@ def main() -> None:
     start = sim.state.params.clone()
     ctx = mp.get_context("spawn")
 
-    def bare(loop: str) -> tuple[int, float, float]:
+    def bare(loop: str, retain: bool) -> tuple[int, float, float]:
         """Split over one bare process per core (balanced by work, no barriers): samples, total
         samples/s, and samples per second of one process at its own pace."""
         sizes = sim.data.partition.sizes()
@@ -455,7 +461,8 @@ def main() -> None:
         barrier, queue = ctx.Barrier(args.cpus), ctx.Queue()
         procs = [
             ctx.Process(
-                target=bare_worker, args=(ov, [node_rounds[t.node_id] for t in part], start, loop, barrier, queue)
+                target=bare_worker,
+                args=(ov, [node_rounds[t.node_id] for t in part], start, loop, retain, barrier, queue),
             )
             for part in plan
         ]
@@ -518,8 +525,10 @@ def main() -> None:
             **({"vectorize": sim.vectorize_info()} if sim.executor.spec.vectorize else {}),
         }
     else:
-        bare_samples, bare_tput, _ = bare("torch")
-        _, same_loop_tput, same_loop_each = bare("fedsim")
+        retained = bool(sim.executor.spec.retain_memory)
+        bare_samples, bare_tput, _ = bare("torch", retain=False)
+        _, retained_tput, _ = bare("torch", retain=True)
+        _, same_loop_tput, same_loop_each = bare("fedsim", retain=retained)
         out |= {
             "dataset": "shakespeare"
             if args.workload == "w5"
@@ -536,6 +545,9 @@ def main() -> None:
     }
     if not single:
         out |= {
+            "retain_memory": retained,
+            "bare_retained_samples_per_s": round(retained_tput, 1),
+            "ratio_retained": round(sim_tput / retained_tput, 3),
             "bare_same_loop_samples_per_s": round(same_loop_tput, 1),
             "bare_same_loop_process_samples_per_s": round(same_loop_each, 1),
             "ratio_same_loop": round(sim_tput / same_loop_tput, 3),

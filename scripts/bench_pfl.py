@@ -107,6 +107,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--procs", type=int, default=2, help="pfl worker processes (torchrun --nproc_per_node)")
+    ap.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="pfl's processes keep freed memory as fedsim's workers do (cluster.retain_memory; glibc)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     ap.add_argument("--python", default=None, help="run under this python (a venv that has pfl; see the docstring)")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +128,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def forward(args: argparse.Namespace) -> list[str]:
     """The options to run this script again with (without ``--python``, ``--json`` and the worker ones)."""
     out = ["--workload", args.workload, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-    out += ["--procs", str(args.procs)]
+    out += ["--procs", str(args.procs)] + (["--retain-memory"] if args.retain_memory else [])
     return [*out, "--", *args.overrides] if args.overrides else out
 
 
@@ -202,10 +207,12 @@ def worker(args: argparse.Namespace) -> None:
     from hydra.utils import instantiate
 
     from fedsim.data.base import FederatedData
+    from fedsim.execution.malloc import retain_freed_memory
     from fedsim.models import build_model
     from fedsim.seeding import np_rng, torch_seed
 
     torch.set_num_threads(1)
+    retained = retain_freed_memory() if args.retain_memory else False
     bench_args = argparse.Namespace(
         workload=args.workload, rounds=args.rounds, cpus=args.procs, overrides=list(args.overrides)
     )
@@ -350,6 +357,7 @@ def worker(args: argparse.Namespace) -> None:
         "dataset": "fashion_mnist" if "dataset=fashion_mnist" in ov else "synthetic[1,28,28]",
         "framework": f"pfl {version('pfl')}, torch {torch.__version__}",
         "procs": world,
+        "retain_memory": retained,
         "sampler": "sorted (user_id_to_weight = examples)" if world > 1 else "plain (one process)",
         "steady_rounds": args.rounds - args.warmup,
         "nodes_per_round": cohort,

@@ -128,6 +128,7 @@ def AutoExecutor(  # noqa: N802 - a factory that stands where an executor class 
     vectorize: bool = False,
     cohort: int | None = None,
     device: str | None = "auto",
+    retain_memory: bool = True,
     **ray_options: Any,
 ) -> Any:
     """`RayExecutor` (with ``address``, ``num_cpus`` and ``ray_options``) when a cluster is named,
@@ -138,7 +139,12 @@ def AutoExecutor(  # noqa: N802 - a factory that stands where an executor class 
 
     if ray_startup_s is None or float(ray_startup_s) < 0:
         raise ConfigError(f"cluster.ray_startup_s={ray_startup_s} must be >= 0 (seconds)")
-    common: dict[str, Any] = {"vectorize": vectorize, "cohort": cohort, "device": device}
+    common: dict[str, Any] = {
+        "vectorize": vectorize,
+        "cohort": cohort,
+        "device": device,
+        "retain_memory": retain_memory,
+    }
     if not address:
         guess = estimate(spec, data, rounds=int(rounds), nodes_per_round=nodes_per_round)
         workers = int(num_cpus or os.cpu_count() or 1)

@@ -24,9 +24,10 @@ class LocalExecutor:
         vectorize: bool = False,
         cohort: int | None = None,
         device: str | None = "auto",
+        retain_memory: bool = True,
     ) -> None:
         dev = devices.resolve(device)
-        spec = vectorized(replace(spec, device=str(dev)), vectorize, cohort)
+        spec = vectorized(replace(spec, device=str(dev), retain_memory=bool(retain_memory)), vectorize, cohort)
         self.spec = spec
 
         ds = data.dataset

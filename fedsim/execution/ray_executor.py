@@ -29,6 +29,7 @@ import torch
 from fedsim import devices
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError, Interrupted, NodeError, WorkersLost
+from fedsim.execution.malloc import retain_freed_memory
 from fedsim.execution.worker import (
     NodeTask,
     NodeWorker,
@@ -221,6 +222,7 @@ class RayExecutor:
         cohort: int | None = None,
         device: str | None = "auto",
         gpus_per_actor: float = 1.0,
+        retain_memory: bool = True,
     ) -> None:
         import ray
 
@@ -269,6 +271,9 @@ class RayExecutor:
                 f"cluster.num_actors={n} but the Ray cluster has {cpus} CPUs; "
                 f"set cluster.num_actors<={cpus} or add CPUs (cluster.num_cpus)"
             )
+        spec = replace(spec, retain_memory=bool(retain_memory))
+        if spec.retain_memory:  # the driver aggregates and evaluates: the same steady allocations
+            retain_freed_memory()
         try:
             spec = vectorized(spec, vectorize, cohort)
         except ConfigError:

@@ -15,6 +15,7 @@ from torch import nn
 
 from fedsim import devices
 from fedsim.errors import ConfigError, NodeError
+from fedsim.execution.malloc import retain_freed_memory
 from fedsim.params import FlatModel
 from fedsim.types import UPDATE, ClientContext, ClientResult, Layout, NodeData, NodeState, Vector
 from fedsim.uplink import Uplink
@@ -44,6 +45,8 @@ class WorkerSpec:
     """Where the worker keeps its data and model and trains (``cluster.device``, resolved)."""
     gpu_share: float = 1.0
     """The share of its GPU's memory a worker may take (``cluster.gpus_per_actor``; 1: no cap)."""
+    retain_memory: bool = True
+    """Keep freed memory in the worker's process (``cluster.retain_memory``, `fedsim.execution.malloc`)."""
 
     @property
     def block_size(self) -> int:
@@ -205,6 +208,8 @@ class NodeWorker:
         test_index: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
+        if spec.retain_memory:
+            retain_freed_memory()
         self.device = devices.resolve(spec.device)
         if self.device.type == "cuda":
             devices.deterministic(self.device)
