@@ -40,9 +40,12 @@ It measures, in one run:
 2. the same local SGD work, i.e. the very node-rounds the simulator ran in those rounds, done by
    one bare single-threaded process per core (plain PyTorch loop, no Ray, no simulator), each
    process taking a balanced share, all started together: total samples / slowest process time.
-It prints both and their ratio (target >= 0.9). A second baseline runs fedsim's own LocalSGD
-inner loop in the same bare processes, so ``ratio_same_loop`` isolates what the simulator around
-the loop (worker, executor, Ray, server) costs.
+It prints both and their ratio (target >= 0.9). The bare processes keep glibc's and torch's
+defaults, as a researcher's own loop would. Two more baselines run in the same kind of processes:
+the plain loop with freed memory retained as fedsim's workers retain it (``ratio_retained``; see
+`fedsim.execution.malloc`), and fedsim's own LocalSGD inner loop with the run's
+``cluster.retain_memory`` (``ratio_same_loop``: what the simulator around the loop, i.e. worker,
+executor, Ray and server, costs).
 
     python scripts/bench.py [--workload w1|w2] [--rounds 30] [--warmup 3] [--cpus N] [-- extra overrides]
     python scripts/bench.py --workload w2 --rounds 12 --warmup 2 cluster.vectorize=true
