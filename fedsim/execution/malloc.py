@@ -4,16 +4,16 @@ Every SGD step allocates its activations and gradients, a few MB for a small CNN
 the end of the step. glibc's malloc gives such memory back to the kernel as soon as the free space
 at the top of its heap exceeds its trim threshold (128 KiB at start, raised at run time by a rule
 that depends on the process's earlier allocations), so the next step takes it again, one page
-fault per 4 KiB page. In a Ray actor this cost up to a quarter of the training thread's CPU time
-(about 28,000 minor page faults per 1,000 training examples on W1 of ``scripts/bench.py``), and how
-much depended on the process's history, so two actors running the same code ran at different
-speeds. With fixed thresholds the heap keeps its high-water mark and a step reuses it: the faults
-fall to about 30 per 1,000 examples.
+fault per 4 KiB page. On W1 of ``scripts/bench.py`` the Ray actors spent 9-25 % of their training
+thread's CPU time in the kernel that way (8,600-32,700 minor page faults per 1,000 training
+examples), and how much depended on the process's history, so two actors running the same code
+ran at different speeds. With fixed thresholds the heap keeps its high-water mark and a step
+reuses it: the faults fall below 40 per 1,000 examples.
 
-This changes where memory comes from, never what is computed: PyTorch aligns every CPU tensor
-itself, so results are bit-identical with and without it. The price is that a process's resident
-memory stays at its peak instead of shrinking between steps. Elsewhere than glibc (macOS, musl)
-nothing is done."""
+This changes where memory comes from, not what is computed (PyTorch aligns its CPU tensors
+itself): the bit-identity check's 30 configurations give the same ``params_sha256`` with and
+without it. The price is that a process's resident memory stays at its peak instead of shrinking
+between steps. Elsewhere than glibc (macOS, musl) nothing is done."""
 
 from __future__ import annotations
 
