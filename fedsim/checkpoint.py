@@ -40,6 +40,7 @@ RESUMABLE = (
     "cluster",
     "divergence",
     "save_model",
+    "eval_threads",
 )
 """Top-level keys a resumed run may change (run length, logging, where it runs)."""
 SERVER_RESUMABLE = ("rounds", "duration", "eval_every", "eval_interval", "eval_all_every", "device")

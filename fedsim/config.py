@@ -248,6 +248,8 @@ def validate(cfg: DictConfig) -> None:
     per_round = _int(cfg, "nodes_per_round", minimum=1)
     _int(cfg, "rounds", minimum=1)
     _int(cfg, "eval_every", minimum=0)
+    if cfg.get("eval_threads") is not None:
+        _int(cfg, "eval_threads", minimum=1)
     byz = cfg.get("byzantine")
     if byz is None:
         raise ConfigError("config section 'byzantine' is missing; add byzantine.num=0")

@@ -4,16 +4,23 @@ Node test sets are index arrays into the test split, so one pass over the test s
 global metrics and every node's accuracy (by indexing the per-example results). On a GPU the
 test split is uploaded once and every node's count of correct answers comes from one
 ``index_add`` over all nodes, read back in one copy.
+
+On the CPU the batches of the test split are spread over ``threads`` threads (``eval_threads``):
+each batch is the same rows and runs the same single-threaded kernels whichever thread takes it,
+and the results are joined in batch order, so the metrics do not depend on the number of threads.
+A model with dropout (random in its forward pass) is evaluated in one thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsim.errors import ConfigError
 from fedsim.params import FlatModel
 
 
@@ -27,7 +34,10 @@ class Evaluator:
         *,
         batch_size: int = 1024,
         device: torch.device | str = "cpu",
+        threads: int = 1,
     ) -> None:
+        if int(threads) < 1:
+            raise ConfigError(f"eval_threads={threads} must be >= 1 (or null: the CPUs this run may use)")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.x = torch.from_numpy(x_test).to(self.device)
@@ -41,18 +51,35 @@ class Evaluator:
         self.row_node = torch.repeat_interleave(torch.arange(len(self.node_sizes)), self.node_sizes)
         if self.device.type != "cpu":
             self.node_rows, self.row_node = self.node_rows.to(self.device), self.row_node.to(self.device)
+        random = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.module.modules())
+        batches = -(-len(self.y) // self.batch_size)
+        self.threads = 1 if self.device.type != "cpu" or random else max(1, min(int(threads), batches))
+        self.pool: ThreadPoolExecutor | None = None
 
     def per_example(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, correct) of every test example under ``params`` (on the evaluator's device)."""
         self.model.load(params)
-        losses, correct = [], []
-        with torch.inference_mode():
-            for i in range(0, len(self.y), self.batch_size):
-                logits = self.model.module(self.x[i : i + self.batch_size])
-                yb = self.y[i : i + self.batch_size]
-                losses.append(F.cross_entropy(logits, yb, reduction="none"))
-                correct.append(logits.argmax(1) == yb)
-        return torch.cat(losses), torch.cat(correct)
+        starts = range(0, len(self.y), self.batch_size)
+        if self.threads > 1:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fedsim-eval")
+            parts = list(self.pool.map(self.batch, starts))
+        else:
+            parts = [self.batch(i) for i in starts]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, correct) of the test rows ``i`` ... ``i + batch_size - 1``."""
+        with torch.inference_mode():  # per thread: each thread enters it itself
+            logits = self.model.module(self.x[i : i + self.batch_size])
+            yb = self.y[i : i + self.batch_size]
+            return F.cross_entropy(logits, yb, reduction="none"), logits.argmax(1) == yb
+
+    def close(self) -> None:
+        """Stop the evaluation threads (they are started again if the evaluator is used again)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
     def __call__(self, params: torch.Tensor) -> dict[str, object]:
         loss, correct = self.per_example(params)

@@ -3,6 +3,7 @@ uplink, server; the compatibility check (``fedsim.compat``); then the executor a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,7 @@ class Simulation:
         return f"nodes on {nodes}, server on {devices.name_of(self.evaluator.device)}"
 
     def close(self) -> None:
+        self.evaluator.close()
         self.executor.shutdown()
 
 
@@ -254,7 +256,9 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
     executor = make(cfg.cluster)(spec, data)
     if server_device.type == "cuda":
         devices.deterministic(server_device)
-    evaluator = Evaluator(flat, dataset.x_test, dataset.y_test, partition.test, device=server_device)
+    evaluator = Evaluator(
+        flat, dataset.x_test, dataset.y_test, partition.test, device=server_device, threads=eval_threads(cfg)
+    )
     params = flat.vector()  # on the server's device (the evaluator's model is there)
     state = server.initial(params, strategy, facts)
     state.uplink_state = uplink.init(state.params, strategy, facts)
@@ -275,6 +279,26 @@ def build(cfg: DictConfig, *, names: dict[str, str] | None = None) -> Simulation
         names,
         compat.warnings(plan),
     )
+
+
+def eval_threads(cfg: DictConfig) -> int:
+    """``eval_threads``, or where it is null the CPUs this run may use: ``OMP_NUM_THREADS`` when it
+    is set (Ray sets it to a task's CPUs, so a sweep job takes its share), else
+    ``cluster.num_cpus``, else the cores this process may run on. The sync, asynchronous and
+    peer-to-peer servers evaluate between calls to the executor, while the workers wait."""
+    value = cfg.get("eval_threads")
+    if value is not None:
+        return int(value)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    num_cpus = cfg.cluster.get("num_cpus") if "cluster" in cfg else None
+    if num_cpus:
+        return int(num_cpus)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 def set_driver_threads(n: int = 1) -> None:

@@ -55,6 +55,9 @@ from hydra_plugins.fedsim_plugins.launcher import RayLauncher, Tally, _placement
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+NOT_COMPUTING = ("resume", "overwrite", "hydra", "logger", "checkpoint", "divergence", "eval_threads")
+"""Top-level keys that say how a run is kept, logged or evaluated, never what it computes: a job
+folder whose run differs from the sweep only in these is the same job."""
 SECRETS = ("cluster.auth_token",)
 """Keys whose values the sweeper never writes (sweep.json, multirun.yaml); the jobs still get them."""
 
@@ -99,14 +102,7 @@ def settings(overrides: list[str]) -> dict[str, str]:
             key, value = parsed.key_or_group, parsed.get_value_element_as_str()
         except Exception:  # noqa: BLE001 - compared as written
             key = key.lstrip("+")
-        if _placement(key) or key.split(".")[0] in (
-            "resume",
-            "overwrite",
-            "hydra",
-            "logger",
-            "checkpoint",
-            "divergence",
-        ):
+        if _placement(key) or key.split(".")[0] in NOT_COMPUTING:
             continue
         out[key] = value
     return out
@@ -381,7 +377,7 @@ def _computing(cfg: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if not prefix and str(key) in ("hydra", "resume", "overwrite", "logger", "checkpoint", "divergence"):
+        if not prefix and str(key) in NOT_COMPUTING:
             continue
         if _placement(name):
             continue
