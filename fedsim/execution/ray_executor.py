@@ -29,6 +29,7 @@ import torch
 from fedsim import devices
 from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, FedsimError, Interrupted, NodeError, WorkersLost
+from fedsim.execution import wire
 from fedsim.execution.malloc import retain_freed_memory
 from fedsim.execution.worker import (
     NodeTask,
@@ -176,6 +177,7 @@ class RayNodeWorker(NodeWorker):
     references alive and loads a restarted actor again before rerunning its part."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        wire.register()  # results go back as numpy arrays
         self.spec = spec
         self.loaded = False
 
@@ -244,6 +246,7 @@ class RayExecutor:
             auth_token=auth_token,
             connect_timeout=connect_timeout,
         )
+        wire.register()  # parameters, broadcasts and node state go out as numpy arrays
         self.actors: list[Any] = []
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
