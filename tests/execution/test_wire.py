@@ -46,16 +46,21 @@ def test_plain_cpu_tensors_travel_as_numpy_and_arrive_equal_and_writable(make):
         lambda: torch.randn(5, dtype=torch.bfloat16),
         lambda: torch.randn(5, requires_grad=True),
         lambda: torch.randn(5, dtype=torch.complex64).conj(),
-        lambda: torch.eye(4).to_sparse(),
     ],
-    ids=["bfloat16", "requires_grad", "conjugate", "sparse"],
+    ids=["bfloat16", "requires_grad", "conjugate"],
 )
 def test_what_numpy_cannot_hold_goes_the_usual_way(make):
     t = make()
     kind, back = round_trip(t)
     assert kind == "pickle"
     assert back.dtype == t.dtype and back.requires_grad == t.requires_grad and back.layout == t.layout
-    assert torch.equal(back.detach().to_dense().resolve_conj(), t.detach().to_dense().resolve_conj())
+    assert torch.equal(back.detach().resolve_conj(), t.detach().resolve_conj())
+
+
+def test_a_sparse_tensor_goes_the_usual_way():
+    # only routed here: unpickling a sparse tensor defers its check to the next torch.load,
+    # which would then warn in whatever test loads next
+    assert wire.to_wire(torch.eye(4).to_sparse())[0] == "pickle"
 
 
 @pytest.mark.integration
