@@ -5,10 +5,12 @@ global metrics and every node's accuracy (by indexing the per-example results). 
 test split is uploaded once and every node's count of correct answers comes from one
 ``index_add`` over all nodes, read back in one copy.
 
-On the CPU the batches of the test split are spread over ``threads`` threads (``eval_threads``):
-each batch is the same rows and runs the same single-threaded kernels whichever thread takes it,
-and the results are joined in batch order, so the metrics do not depend on the number of threads.
-A model with dropout (random in its forward pass) is evaluated in one thread.
+On the CPU the batches of the test split are spread over ``threads`` threads (``eval_threads``),
+each running torch with the calling thread's thread count (one, on the driver): each batch is the
+same rows through the same kernels whichever thread takes it, and the results are joined in
+batch order, so the metrics do not depend on the number of threads. A model whose forward pass
+draws random numbers (dropout, noise) is evaluated in one thread: the first evaluation runs its
+first batch alone and falls back to one thread if torch's random state moved.
 """
 
 from __future__ import annotations
@@ -51,21 +53,34 @@ class Evaluator:
         self.row_node = torch.repeat_interleave(torch.arange(len(self.node_sizes)), self.node_sizes)
         if self.device.type != "cpu":
             self.node_rows, self.row_node = self.node_rows.to(self.device), self.row_node.to(self.device)
-        random = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.module.modules())
         batches = -(-len(self.y) // self.batch_size)
-        self.threads = 1 if self.device.type != "cpu" or random else max(1, min(int(threads), batches))
+        self.threads = 1 if self.device.type != "cpu" else max(1, min(int(threads), batches))
         self.pool: ThreadPoolExecutor | None = None
+        self.checked = False  # whether the model was seen to leave torch's random state alone
 
     def per_example(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, correct) of every test example under ``params`` (on the evaluator's device)."""
         self.model.load(params)
-        starts = range(0, len(self.y), self.batch_size)
+        starts = list(range(0, len(self.y), self.batch_size))
+        parts = []
+        if self.threads > 1 and not self.checked:  # a random forward pass: one thread, in order
+            state = torch.get_rng_state()
+            parts.append(self.batch(starts.pop(0)))
+            self.checked = True
+            if not torch.equal(state, torch.get_rng_state()):
+                self.threads = 1
         if self.threads > 1:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fedsim-eval")
-            parts = list(self.pool.map(self.batch, starts))
+                threads = torch.get_num_threads()  # a new thread would start with torch's default
+                self.pool = ThreadPoolExecutor(
+                    self.threads,
+                    thread_name_prefix="fedsim-eval",
+                    initializer=torch.set_num_threads,
+                    initargs=(threads,),
+                )
+            parts += self.pool.map(self.batch, starts)
         else:
-            parts = [self.batch(i) for i in starts]
+            parts += [self.batch(i) for i in starts]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

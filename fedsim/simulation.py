@@ -140,8 +140,10 @@ class Simulation:
         return f"nodes on {nodes}, server on {devices.name_of(self.evaluator.device)}"
 
     def close(self) -> None:
-        self.evaluator.close()
-        self.executor.shutdown()
+        try:
+            self.evaluator.close()
+        finally:
+            self.executor.shutdown()
 
 
 def model_not_vectorized(module: torch.nn.Module) -> str:

@@ -4,7 +4,11 @@ refused in one line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ from fedsim.evaluate import Evaluator
 from fedsim.models import MLP, ConvNet, StackedLSTM, build_model
 from fedsim.params import FlatModel
 from fedsim.simulation import build, eval_threads, set_driver_threads
-from tests.conftest import Recorder, compose
+from tests.conftest import ROOT, Recorder, compose
 
 
 def evaluator(factory, shape, classes, n, threads, *, batch_size=32, integer_inputs=False):
@@ -32,13 +36,21 @@ def evaluator(factory, shape, classes, n, threads, *, batch_size=32, integer_inp
     return Evaluator(flat, x, y, nodes, batch_size=batch_size, threads=threads), flat.vector()
 
 
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the driver runs
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("factory", "shape", "classes", "integer_inputs"),
     [(MLP, (1, 8, 8), 10, False), (ConvNet, (1, 28, 28), 10, False), (StackedLSTM, (80,), 80, True)],
     ids=["mlp", "cnn", "lstm"],
 )
+@pytest.mark.usefixtures("one_torch_thread")
 def test_metrics_are_bit_identical_on_one_and_on_several_threads(factory, shape, classes, integer_inputs):
-    torch.set_num_threads(1)
     one, params = evaluator(factory, shape, classes, 200, 1, integer_inputs=integer_inputs)
     three, _ = evaluator(factory, shape, classes, 200, 3, integer_inputs=integer_inputs)
     assert one.threads == 1 and three.threads == 3
@@ -57,23 +69,72 @@ def test_metrics_are_bit_identical_on_one_and_on_several_threads(factory, shape,
 def test_the_batches_run_on_several_threads():
     ev, params = evaluator(MLP, (1, 8, 8), 10, 256, 4)
     seen: set[str] = set()
-    hook = ev.model.module.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
+
+    def note(*_):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.02)  # so that one thread cannot take every batch before the others start
+
+    hook = ev.model.module.register_forward_hook(note)
     try:
         ev(params)
     finally:
         hook.remove()
         ev.close()
-    assert len(seen) >= 2 and all(name.startswith("fedsim-eval") for name in seen)
+    # the first batch runs on the calling thread (the check of the random state), the rest in the pool
+    assert len({n for n in seen if n.startswith("fedsim-eval")}) >= 2
 
 
-def test_a_model_with_dropout_and_a_short_test_set_use_one_thread():
-    class WithDropout(nn.Sequential):
+# Each pool thread must run torch with the caller's thread count: a new thread starts with torch's
+# default (every core), which a convolution would use for its first batch.
+THREADS_SCRIPT = """
+import os, torch, numpy as np
+from fedsim.evaluate import Evaluator
+from fedsim.models import ConvNet, build_model
+from fedsim.params import FlatModel
+torch.set_num_threads(1)
+flat = FlatModel(build_model(ConvNet, (1, 28, 28), 10, seed=0))
+x = np.random.default_rng(0).standard_normal((256, 1, 28, 28)).astype(np.float32)
+ev = Evaluator(flat, x, np.zeros(256, dtype=np.int64), [np.arange(256)], batch_size=32, threads=2)
+before = len(os.listdir("/proc/self/task"))
+ev(flat.vector())
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2, reason="needs Linux, 2 cores")
+def test_the_evaluation_threads_start_no_threads_of_their_own():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert int(out.stdout.strip()) == 2  # the pool's two threads, no OpenMP teams inside them
+
+
+def test_a_random_forward_pass_falls_back_to_one_thread_with_the_metrics_of_one_thread():
+    class Noisy(nn.Module):  # randomness that no module type gives away
         def __init__(self, shape, classes):
-            super().__init__(nn.Flatten(), nn.Dropout(0.5), nn.Linear(int(np.prod(shape)), classes))
+            super().__init__()
+            self.fc = nn.Linear(int(np.prod(shape)), classes)
 
-    dropout, _ = evaluator(WithDropout, (1, 8, 8), 10, 200, 4)
-    assert dropout.threads == 1
-    short, _ = evaluator(MLP, (1, 8, 8), 10, 64, 8)  # two batches of 32
+        def forward(self, x):
+            return self.fc(torch.flatten(x, 1) + 0.1 * torch.randn(x.shape[0], int(np.prod(x.shape[1:]))))
+
+    several, params = evaluator(Noisy, (1, 8, 8), 10, 200, 4)
+    one, _ = evaluator(Noisy, (1, 8, 8), 10, 200, 1)
+    assert several.threads == 4
+    torch.manual_seed(3)
+    a = several(params)
+    torch.manual_seed(3)
+    b = one(params)
+    assert several.threads == 1 and several.pool is None
+    assert a == b
+    short, _ = evaluator(MLP, (1, 8, 8), 10, 64, 8)  # two batches of 32: two threads at most
     assert short.threads == 2
 
 

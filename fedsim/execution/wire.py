@@ -5,11 +5,12 @@ out of it on the other. A numpy array goes out-of-band instead: it is written on
 object store and read there without a copy. Returning 13 MB of block sums from an actor took
 31-46 ms as tensors and 4-5 ms as one numpy array here (median of 20 calls, 2 cores).
 
-`register` makes Ray send every plain CPU tensor that this process serialises as a numpy view of
-it; the receiving side copies it into a tensor of its own (writable, not tied to the object
-store). Values, dtype and shape arrive unchanged, so results are bit-identical. Tensors numpy
-cannot hold (bfloat16, GPU, sparse, with autograd history, conjugate views) go the usual way, as
-do subclasses such as ``nn.Parameter``."""
+`register` makes Ray send every contiguous CPU tensor that this process serialises as a numpy
+view of it; the receiving side copies it into a contiguous tensor of its own (writable, not tied
+to the object store). Values, dtype, shape and strides arrive unchanged, so results are
+bit-identical. The rest go the usual way (storage and strides): tensors that are not contiguous
+(transposed, sliced across rows, expanded), and those numpy cannot hold (bfloat16, GPU, sparse,
+with autograd history, conjugate views)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def to_wire(tensor: torch.Tensor) -> tuple[str, Any]:
     if (
         tensor.device.type == "cpu"
         and tensor.layout == torch.strided
+        and tensor.is_contiguous()
         and tensor.dtype in NUMPY_DTYPES
         and not tensor.requires_grad
         and not tensor.is_conj()

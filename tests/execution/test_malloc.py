@@ -24,16 +24,24 @@ from strategies.client import LocalSGD
 ROOT = Path(__file__).resolve().parents[2]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# A step's worth of short-lived tensors: eight 1 MiB buffers, written, then freed together, so
-# the free space at the heap's top (8 MiB) exceeds what glibc's default rules keep.
+# A step's worth of short-lived buffers, straight from the C allocator: eight of 1 MiB, written,
+# then freed, so that the free space at the heap's top (8 MiB) exceeds what glibc's default rules
+# keep. (Through torch the same pattern is not reliable: torch's small allocations land between
+# the buffers or above them depending on the run, and then nothing can be trimmed.)
 STEPS = """
-import resource, sys, torch
+import ctypes, resource, sys
 from fedsim.execution.malloc import retain_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def step():
-    bufs = [torch.ones(1 << 18) for _ in range(8)]
-    del bufs
+    bufs = [libc.malloc(1 << 20) for _ in range(8)]
+    for b in bufs:
+        ctypes.memset(b, 1, 1 << 20)
+    for b in reversed(bufs):
+        libc.free(b)
 for _ in range(3):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -70,10 +78,16 @@ def digits_fed():
     return FederatedData(ds, Dirichlet(alpha=1.0)(ds.y_train, ds.y_test, 4, np_rng(0, "partition")))
 
 
-def test_the_local_executor_passes_the_setting_to_its_worker(digits_fed):
+def test_the_local_executor_passes_the_setting_to_its_worker(digits_fed, monkeypatch):
+    from fedsim.execution import worker
+
+    calls = []
+    monkeypatch.setattr(worker, "retain_freed_memory", lambda: calls.append(1) or True)
     spec = WorkerSpec(MLP, (1, 8, 8), 10, LocalSGD(), 0)
     assert LocalExecutor(spec, digits_fed).spec.retain_memory is True
+    assert len(calls) == 1  # the worker applied it
     assert LocalExecutor(spec, digits_fed, retain_memory=False).spec.retain_memory is False
+    assert len(calls) == 1  # and this one did not
 
 
 @pytest.mark.integration
