@@ -429,11 +429,16 @@ def test_the_progress_line_counts_every_job_of_the_sweep_and_estimates_from_the_
 def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settings(tmp_path):
     d = tmp_path / "sweep"
     token = "s3cret-token"
-    base = [*SMALL, "rounds=3", "cluster=ray", f"cluster.auth_token={token}", f"hydra.sweep.dir={d}"]
+    # where the run executes (cluster=ray, its token) is the launcher's; how it trains reaches the jobs
+    where = ["cluster=ray", f"cluster.auth_token={token}", "cluster.retain_memory=false", "cluster.device=cpu"]
+    base = [*SMALL, "rounds=3", *where, f"hydra.sweep.dir={d}"]
     first = sweep(*base, "variant='a b',c")  # a value with a space and quotes
     assert first.returncode == 0, first.stderr
     assert final(d / "variant='a b'")["event"] == "run_end" and final(d / "variant=c")["event"] == "run_end"
-    assert strict_records(d / "variant='a b'" / "metrics.jsonl")[0]["config"]["variant"] == "a b"
+    config = strict_records(d / "variant='a b'" / "metrics.jsonl")[0]["config"]
+    assert config["variant"] == "a b"
+    assert config["cluster"]["_target_"] == "fedsim.execution.local.LocalExecutor"
+    assert config["cluster"]["retain_memory"] is False and config["cluster"]["device"] == "cpu"
     index = json.loads((d / "sweep.json").read_text())
     assert "cluster.auth_token=<redacted>" in index["common"]
     for path in d.rglob("*"):  # the token reaches the jobs, not the files

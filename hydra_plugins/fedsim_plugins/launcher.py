@@ -14,6 +14,7 @@ a Ray worker process, not necessarily a fresh one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedsim.errors import exit_with
 
@@ -273,8 +274,18 @@ def _progress(tally: Tally, returned: int, elapsed: float, slots: int) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+@functools.cache
+def _local_keys() -> frozenset[str]:
+    """The options of the in-process executor (``conf/cluster/local.yaml``): how a job trains
+    (``cluster.vectorize``, ``cluster.cohort``, ``cluster.device``, ``cluster.retain_memory``)."""
+    from fedsim.cli import CONF_DIR
+
+    keys = OmegaConf.load(CONF_DIR / "cluster" / "local.yaml").keys()
+    return frozenset(f"cluster.{k}" for k in keys if not str(k).startswith("_"))
+
+
 def _placement(override: str) -> bool:
     """Whether an override says where a run executes (the job runs ``cluster=local`` in its Ray
-    task instead); how it trains (``cluster.vectorize``, ``cluster.cohort``) is kept."""
+    task instead); the in-process executor's own options (how it trains) are kept."""
     key = override.split("=")[0].lstrip("+~")
-    return key.startswith("cluster") and key not in ("cluster.vectorize", "cluster.cohort")
+    return key.startswith("cluster") and key not in _local_keys()
