@@ -280,8 +280,10 @@ def _local_keys() -> frozenset[str]:
     (``cluster.vectorize``, ``cluster.cohort``, ``cluster.device``, ``cluster.retain_memory``)."""
     from fedsim.cli import CONF_DIR
 
-    keys = OmegaConf.load(CONF_DIR / "cluster" / "local.yaml").keys()
-    return frozenset(f"cluster.{k}" for k in keys if not str(k).startswith("_"))
+    local = OmegaConf.load(CONF_DIR / "cluster" / "local.yaml")
+    assert isinstance(local, DictConfig)
+    keys = [str(k) for k in local]
+    return frozenset(f"cluster.{k}" for k in keys if not k.startswith("_"))
 
 
 def _placement(override: str) -> bool:
