@@ -444,9 +444,10 @@ def test_a_sweep_into_an_existing_folder_adds_its_jobs_and_refuses_to_mix_settin
     for path in d.rglob("*"):  # the token reaches the jobs, not the files
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
-    # a subset with one more job (and a checkpoint interval, which a rerun may change): the
-    # finished one is skipped, sweep.json keeps every job
-    more = sweep(*base, "variant=c,d", "checkpoint.every=2")
+    # a subset with one more job (and a checkpoint interval and a memory setting, which a rerun
+    # may change: they do not change what a job computes): the finished one is skipped,
+    # sweep.json keeps every job
+    more = sweep(*base, "variant=c,d", "checkpoint.every=2", "cluster.retain_memory=true")
 
     assert more.returncode == 0, more.stderr
     assert "2 jobs" in more.stderr and "1 done before, 1 to run" in more.stderr

@@ -55,9 +55,19 @@ from hydra_plugins.fedsim_plugins.launcher import RayLauncher, Tally, _placement
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-NOT_COMPUTING = ("resume", "overwrite", "hydra", "logger", "checkpoint", "divergence", "eval_threads")
-"""Top-level keys that say how a run is kept, logged or evaluated, never what it computes: a job
-folder whose run differs from the sweep only in these is the same job."""
+NOT_COMPUTING = (
+    "resume",
+    "overwrite",
+    "hydra",
+    "logger",
+    "checkpoint",
+    "divergence",
+    "eval_threads",
+    "cluster.retain_memory",
+)
+"""Keys (top-level groups, or one dotted option) that say how a run is kept, logged, evaluated or
+given memory, never what it computes: a job folder whose run differs from the sweep only in these
+and in where it ran (`_placement`) is the same job."""
 SECRETS = ("cluster.auth_token",)
 """Keys whose values the sweeper never writes (sweep.json, multirun.yaml); the jobs still get them."""
 
@@ -91,8 +101,8 @@ def redacted(override: str) -> str:
 
 def settings(overrides: list[str]) -> dict[str, str]:
     """What a job computes: its overrides as key -> value (the last wins), without those that only
-    say where or how it executes or what it logs (``cluster`` placement, ``resume``, ``hydra.*``,
-    ``logger``, ``checkpoint``, ``divergence``: a resumed run may change them too)."""
+    say where or how it executes or what it logs (``cluster`` placement and `NOT_COMPUTING`: a
+    resumed run may change them too)."""
     parser = OverridesParser.create()
     out: dict[str, str] = {}
     for line in overrides:
@@ -102,7 +112,7 @@ def settings(overrides: list[str]) -> dict[str, str]:
             key, value = parsed.key_or_group, parsed.get_value_element_as_str()
         except Exception:  # noqa: BLE001 - compared as written
             key = key.lstrip("+")
-        if _placement(key) or key.split(".")[0] in NOT_COMPUTING:
+        if not _computes(key):
             continue
         out[key] = value
     return out
@@ -371,15 +381,18 @@ def _side(values: dict[str, Any], keys: list[str]) -> str:
     return " ".join(f"{k}={values[k]}" if k in values else f"no {k}" for k in keys)
 
 
+def _computes(key: str) -> bool:
+    """Whether a dotted key can change what a job computes (not `NOT_COMPUTING`, not placement)."""
+    return not (_placement(key) or key in NOT_COMPUTING or key.split(".")[0] in NOT_COMPUTING)
+
+
 def _computing(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """A composed config as dotted key -> value (interpolations unresolved), without what only
     says where or how a run executes or what it logs (as `settings` leaves out of overrides)."""
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if not prefix and str(key) in NOT_COMPUTING:
-            continue
-        if _placement(name):
+        if not _computes(name):
             continue
         if isinstance(value, dict):
             out.update(_computing(value, f"{name}."))
