@@ -179,6 +179,14 @@ SHORT = [
 ]
 
 
+def run_records(folder):
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def run_end(folder):
+    return next(r for r in reversed(run_records(folder)) if r.get("event") == "run_end")
+
+
 def fedsim_run(tag, device, extra=(), base=SHORT, limit_s=45):
     """One short CLI run (``base``, default SHORT) into WORK/tag; its run_end record and model.pt."""
     folder = WORK / tag
@@ -186,8 +194,17 @@ def fedsim_run(tag, device, extra=(), base=SHORT, limit_s=45):
     rc, out, err, s = run(tag, [*cmd, f"hydra.run.dir={folder}"], limit_s)
     if rc != 0:
         raise RuntimeError(f"{tag}: rc {rc}: {tail(err)}")
-    records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return next(r for r in reversed(records) if r.get("event") == "run_end"), folder / "model.pt", s
+    return run_end(folder), folder / "model.pt", s
+
+
+def short_on_device(tag):
+    """SHORT on DEV (its run_end record and model.pt): determinism's first run where it exists
+    (the same command), else a run of its own into WORK/tag."""
+    first = WORK / "det_one_at_a_time_a"
+    if (first / "model.pt").exists():
+        return run_end(first), first / "model.pt"
+    end, model, _ = fedsim_run(tag, DEV)
+    return end, model
 
 
 def determinism():
@@ -210,13 +227,7 @@ TOL = {"acc_abs": 0.02, "loss_rel": 0.01, "param_rel_l2": 1e-3}
 
 
 def cpu_vs_gpu():
-    # the GPU side is determinism's first run where it exists (the same command)
-    gpu_dir = WORK / "det_one_at_a_time_a"
-    if (gpu_dir / "model.pt").exists():
-        records = [json.loads(ln) for ln in (gpu_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        g, g_model = next(r for r in reversed(records) if r.get("event") == "run_end"), gpu_dir / "model.pt"
-    else:
-        g, g_model, _ = fedsim_run("cvg_gpu", DEV)
+    g, g_model = short_on_device("cvg_gpu")
     c, c_model, _ = fedsim_run("cvg_cpu", "cpu")
     ok, out = agreement(c, c_model, g, g_model)
     return {"status": "pass" if ok else "fail", **out}
@@ -276,10 +287,6 @@ def lstm():
     return {"status": "pass" if ok and equal else "fail", "deterministic": equal, **out, "seconds": [sa, sb, sc]}
 
 
-def run_records(folder):
-    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
 def ray_gpu():
     """Ray with GPU actors: the SHORT run on 2 and on 3 actors sharing the GPU gives the
     params_sha256 of the same run in one process (cluster=local), and a GPU share too small for
@@ -288,11 +295,7 @@ def ray_gpu():
         import ray  # noqa: F401
     except ImportError as exc:
         return {"status": "skipped", "reason": f"ray does not import ({exc}); put its wheel in WHEELS_DIR"}
-    local = WORK / "det_one_at_a_time_a"  # determinism's first run is the same command
-    if (local / "model.pt").exists():
-        ref = next(r for r in reversed(run_records(local)) if r.get("event") == "run_end")
-    else:
-        ref, _, _ = fedsim_run("ray_local", DEV)
+    ref, _ = short_on_device("ray_local")
     on_ray = ["cluster=ray" if a == "cluster=local" else a for a in SHORT] + ["cluster.num_cpus=4"]
     res = {"local_sha256": ref["params_sha256"][:16]}
     equal = True

@@ -142,8 +142,6 @@ def test_the_thread_count_a_run_picks(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert eval_threads(compose("eval_threads=3")) == 3
     assert eval_threads(compose("cluster=ray", "cluster.num_cpus=5")) == 5
-    import os
-
     assert eval_threads(compose("cluster=local")) == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a Ray task's CPUs (a sweep job)
     assert eval_threads(compose("cluster=ray", "cluster.num_cpus=5")) == 2
