@@ -245,6 +245,9 @@ def test_runs_and_sweeps_from_outside_the_checkout(tmp_path):
         (["strategy=fedau,mifa", "strategy.log_weights_every=4"], "write ++strategy.log_weights_every=4"),
         # the same bad value in every job: its reason once, with how many jobs it concerns
         (["dataset=digits", "seed=0,1,2", "num_nodes=-1"], "num_nodes=-1 must be >= 1 (all 3 jobs)"),
+        # a value of the wrong kind, checked as a single run checks it (bool("maybe") would be True)
+        (["seed=0,1", "cluster.retain_memory=maybe"], "cluster.retain_memory='maybe' must be true or false"),
+        (["strategy=fedprox,fedavg", "strategy.client.lr=abc"], "strategy.client.lr='abc' must be a number"),
         # two jobs, one folder name: they would write into the same folder at once
         (["seed=0,1", "+tag=a/b,a_b"], "the jobs seed=0 +tag=a/b and seed=0 +tag=a_b would share the folder"),
         # no Ray node can hold a job: it would wait forever

@@ -293,21 +293,28 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_job_of_every_experiment_composes_and_passes_the_checks(name):
-    """Compose and validate each job, and build seed 0's (data, partition, plug-ins and the
-    compatibility check: what a run does before its first step) where its dataset is here."""
+    """Compose each job, check its values' kinds as the sweeper does (against the defaults of its
+    groups), and build seed 0's (data, partition, plug-ins and the compatibility check: what a run
+    does before its first step) where its dataset is here."""
     from hydra import compose, initialize_config_dir
 
-    from fedsim.cli import CONF_DIR
+    from fedsim.cli import CONF_DIR, group_overrides
+    from fedsim.config import check_types
     from fedsim.errors import DataUnavailable
     from fedsim.simulation import build
 
     jobs = experiment_jobs(name)
     assert len(jobs) >= 6
     built = 0
+    references: dict = {}  # the defaults of a choice of groups, composed once
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for overrides in jobs:
             cfg = compose(config_name="config", overrides=[*overrides, "cluster=local"], return_hydra_config=True)
             assert cfg.hydra.sweep.dir == f"multirun/{name}"
+            groups = tuple(group_overrides(overrides))
+            if groups not in references:
+                references[groups] = compose(config_name="config", overrides=list(groups))
+            check_types(cfg, references[groups])
             if int(cfg.seed) != 0:
                 continue
             try:

@@ -46,7 +46,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fedsim.config import validate
+from fedsim.cli import group_overrides
+from fedsim.config import check_types, validate
 from fedsim.errors import FedsimError
 from fedsim.errors import exit_with as _exit_with
 from fedsim.runfolder import finished
@@ -136,6 +137,19 @@ class FedsimSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    def check(self, overrides: list[str], references: dict[tuple[str, ...], DictConfig]) -> None:
+        """Raise where a job's config has a value of the wrong kind (as a single run checks it,
+        against the defaults of the same groups, composed once per choice of groups) or does not
+        validate."""
+        assert self.config is not None and self.hydra_context is not None
+        load = self.hydra_context.config_loader.load_sweep_config
+        cfg = load(self.config, overrides)
+        groups = tuple(group_overrides(overrides))
+        if groups not in references:
+            references[groups] = load(self.config, list(groups))
+        check_types(cfg, references[groups])
+        validate(cfg)
+
     def grid(self, arguments: list[str]) -> tuple[list[str], list[list[tuple[str, str]]], list[str]]:
         """(swept keys, every job's swept (key, value) pairs, the overrides common to all jobs)."""
         loader = self.hydra_context.config_loader if self.hydra_context is not None else None
@@ -207,6 +221,7 @@ class FedsimSweeper(Sweeper):
         failed: list[tuple[str, str]] = []
         changed: list[tuple[Path, str]] = []
         skipped = 0
+        references: dict[tuple[str, ...], DictConfig] = {}
         for job in jobs:
             overrides = self.overrides_of(job, common)
             run_dir = sweep_dir / job_name(job)
@@ -224,7 +239,7 @@ class FedsimSweeper(Sweeper):
                 skipped += 1
                 continue
             try:  # a job whose config does not compose or validate fails alone, before anything runs
-                validate(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
+                self.check(overrides, references)
             except Exception as exc:  # noqa: BLE001 - reported as this job's failure
                 failed.append((job_name(job), str(exc).strip().splitlines()[0]))
                 continue
